@@ -1,0 +1,5 @@
+import sys
+
+from mipnerf360.cli import main
+
+sys.exit(main())

@@ -1,0 +1,48 @@
+"""The ``mipnerf360`` command: ``mipnerf360 <command> [args]``.
+
+Each command lives in the module that owns the concept and exposes ``main(argv)``;
+this file only dispatches, importing the module lazily so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command -> (module, function, one-line help)
+COMMANDS = {
+    "train": ("mipnerf360.train", "main", "train a model on a scene"),
+    "render": ("mipnerf360.evaluate", "render_main", "render the test views of a trained model"),
+    "evaluate": ("mipnerf360.evaluate", "evaluate_main", "PSNR / SSIM / LPIPS of rendered views"),
+    "video": ("mipnerf360.video", "main", "render the camera path to mp4"),
+    "bench": ("mipnerf360.bench", "main", "measure training-step throughput"),
+    "generate": ("mipnerf360.synthetic", "main", "write a procedural scene"),
+    "download": ("mipnerf360.download", "main", "download and extract a data set archive"),
+    "prepare": ("mipnerf360.prepare", "main", "validate a scene and write its manifest"),
+    "tables": ("mipnerf360.tables", "main", "collect metrics into paper-style tables"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: mipnerf360 <command> [args]", "", "commands:"]
+    lines += [f"  {name:<10} {h}" for name, (_, _, h) in COMMANDS.items()]
+    lines += ["", "`mipnerf360 <command> --help` describes each command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        print(f"mipnerf360: unknown command {cmd!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module, func, _ = COMMANDS[cmd]
+    result = getattr(importlib.import_module(module), func)(rest)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
