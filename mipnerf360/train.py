@@ -1,0 +1,487 @@
+"""``mipnerf360 train SCENE_DIR OUT_DIR``: the training loop, checkpoints and logs.
+
+Counterpart of multinerf's ``train.py``: random rays from all training images, one
+optimizer step per iteration with all losses (``train_utils.train_step``), annealing from
+``step / max_steps``, the learning-rate schedule and per-MLP gradient clipping (reference
+spec, section 10).
+
+Outputs in OUT_DIR (each written atomically: temporary name, then ``os.replace``)::
+
+    config.yaml               resolved config
+    checkpoints/ckpt_<step>.pt  model + optimizer + step + RNG states (last 2 kept)
+    metrics.csv               one row every train.log_every steps
+    curves.png                PSNR and loss against step
+    summary.json              wall time, steps/s, rays/s, peak memory, ...
+    model.pt                  final weights + config; written last ("training finished")
+    tb/                       TensorBoard events (when tensorboard is installed)
+
+Exit codes of ``main``: 0 finished, 2 bad config, 3 NaN/inf loss, 130 SIGINT, 143 SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import re
+import resource
+import signal
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+
+from mipnerf360 import configs
+
+CKPT_RE = re.compile(r"^ckpt_(\d+)\.pt$")
+KEEP_CHECKPOINTS = 2
+EXIT_NAN = 3
+SIGNAL_EXIT = {signal.SIGTERM: 143, signal.SIGINT: 130}
+
+
+# ----------------------------------------------------------------------------- atomic files
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder."""
+    path = os.fspath(path)
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    suffix = os.path.splitext(path)[1]
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def write_csv(path: str | os.PathLike, rows: list[dict]) -> None:
+    """Rows (dicts) to CSV; the header is the union of the keys in first-seen order."""
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' -> CUDA when available, else CPU; 'cpu' / 'cuda' / 'cuda:N' as given."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was requested but CUDA is not available")
+    return dev
+
+
+def list_checkpoints(ckpt_dir: str | os.PathLike) -> list[tuple[int, str]]:
+    """[(step, path)] of ckpt_<step>.pt files in ``ckpt_dir``, sorted by step."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    out = []
+    for name in os.listdir(ckpt_dir):
+        m = CKPT_RE.match(name)
+        if m:
+            out.append((int(m.group(1)), os.path.join(ckpt_dir, name)))
+    return sorted(out)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak CUDA memory allocated, or the process's peak resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return kb / 1024.0
+
+
+def check_manifest(scene: Any, manifest_path: str) -> None:
+    """Check the loaded scene's train/test split against a prepare-step manifest JSON."""
+    try:
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"manifest not found: {manifest_path}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{manifest_path}: not valid JSON: {e}") from None
+    split = manifest.get("split") if isinstance(manifest, dict) else None
+    if not isinstance(split, dict) or "train" not in split or "test" not in split:
+        raise ValueError(f"{manifest_path}: expected a 'split' with 'train' and 'test' lists")
+    names = list(scene.names)
+    for part, idx in (("train", scene.i_train), ("test", scene.i_test)):
+        got = [names[int(i)] for i in idx]
+        want = [str(n) for n in split[part]]
+        if got != want:
+            missing = sorted(set(want) - set(got))[:5]
+            extra = sorted(set(got) - set(want))[:5]
+            raise ValueError(
+                f"{manifest_path}: the {part} split of the loaded scene ({len(got)} images) "
+                f"does not match the manifest ({len(want)} images); in the manifest only: "
+                f"{missing}, loaded only: {extra}"
+            )
+
+
+def plot_curves(rows: list[dict], path: str | os.PathLike) -> None:
+    """PSNR and loss against step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    axes[0].plot(steps, [r["psnr"] for r in rows])
+    axes[0].set(xlabel="step", ylabel="train PSNR (dB)", title="PSNR")
+    axes[1].plot(steps, [r["loss"] for r in rows])
+    axes[1].set(xlabel="step", ylabel="loss", title="loss", yscale="log")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _tensorboard_writer(log_dir: str):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard not installed
+        return None
+    return SummaryWriter(log_dir=log_dir)
+
+
+class _SignalFlag:
+    """Records SIGTERM/SIGINT so the loop can finish the step and checkpoint."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old: dict = {}
+
+    def _handler(self, signum, frame):
+        self.signum = signum
+
+    def __enter__(self):
+        for s in SIGNAL_EXIT:
+            try:
+                self._old[s] = signal.signal(s, self._handler)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+class TrainingStopped(Exception):
+    """Training stopped early; ``exit_code`` tells the scheduler why."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _build(cfg: configs.Config, device: torch.device):
+    from mipnerf360 import model as model_lib
+    from mipnerf360 import train_utils
+
+    torch.manual_seed(cfg.train.seed)
+    model = model_lib.build_model(cfg).to(device)
+    optimizer = train_utils.create_optimizer(model, cfg)
+    return model, optimizer
+
+
+def _step_fn(model, optimizer, cfg: configs.Config, device: torch.device):
+    """The per-step function, compiled where asked (train.compile) and available."""
+    from mipnerf360 import train_utils
+
+    use = cfg.train.compile == "on" or (cfg.train.compile == "auto" and device.type == "cuda")
+    if use and hasattr(train_utils, "make_train_step"):
+        return train_utils.make_train_step(model, optimizer, cfg)
+
+    def step_fn(batch, step, generator):
+        return train_utils.train_step(model, optimizer, batch, step, cfg, generator)
+
+    return step_fn
+
+
+def train(
+    scene_dir: str,
+    out_dir: str,
+    cfg: configs.Config,
+    *,
+    resume: bool = False,
+    device: str | torch.device = "auto",
+    manifest: str | None = None,
+    preset: str | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train on ``scene_dir`` into ``out_dir``; returns the summary dict.
+
+    Raises TrainingStopped (with exit code) on a signal or a NaN/inf loss.
+    """
+    from mipnerf360 import datasets
+
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    if dev.type == "cuda" and cfg.train.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    os.makedirs(out_dir, exist_ok=True)
+    ckpt_dir = os.path.join(out_dir, "checkpoints")
+    final_path = os.path.join(out_dir, "model.pt")
+    t = cfg.train
+
+    scene = datasets.load_scene(scene_dir, cfg.data)
+    if manifest:
+        check_manifest(scene, manifest)
+    configs.save_config(cfg, os.path.join(out_dir, "config.yaml"))
+
+    model, optimizer = _build(cfg, dev)
+    sampler = datasets.RaySampler(scene, t.batch_size, dev, t.seed, t.batching)
+    generator = torch.Generator(device=dev)
+    generator.manual_seed(t.seed + 1)
+    num_params = sum(p.numel() for p in model.parameters())
+
+    step, prior_wall, rows = 0, 0.0, []
+    ckpts = list_checkpoints(ckpt_dir) if resume else []
+    if ckpts:
+        try:
+            ckpt = torch.load(ckpts[-1][1], map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise ValueError(f"{ckpts[-1][1]}: cannot read the checkpoint: {e}") from None
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        sampler.set_state(ckpt["sampler"])
+        generator.set_state(ckpt["generator"].cpu())
+        step, prior_wall, rows = ckpt["step"], ckpt.get("wall_time_s", 0.0), ckpt.get("rows", [])
+        if ckpt.get("config") != configs.to_dict(cfg):
+            print(f"warning: resuming {ckpts[-1][1]} with a different config", file=sys.stderr)
+        print(f"resumed from {ckpts[-1][1]} at step {step}", file=sys.stderr)
+
+    def save_checkpoint():
+        state = {
+            "step": step,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "sampler": sampler.get_state(),
+            "generator": generator.get_state(),
+            "config": configs.to_dict(cfg),
+            "wall_time_s": prior_wall + (time.perf_counter() - t0),
+            "rows": rows,
+        }
+        atomic_torch_save(state, os.path.join(ckpt_dir, f"ckpt_{step}.pt"))
+        for _, old in list_checkpoints(ckpt_dir)[:-KEEP_CHECKPOINTS]:
+            os.unlink(old)
+
+    step_fn = _step_fn(model, optimizer, cfg, dev)
+    amp = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if dev.type == "cuda" and t.mixed_precision
+        else nullcontext()
+    )
+    tb = _tensorboard_writer(os.path.join(out_dir, "tb"))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=t.max_steps, initial=step, desc="train", dynamic_ncols=True)
+
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    t0 = time.perf_counter()
+    start_step = step
+    last_stats: dict = {}
+    interval_t, interval_steps = time.perf_counter(), 0
+    stop_reason = "max_steps"
+    with _SignalFlag() as flag:
+        while step < t.max_steps:
+            batch = sampler.sample()
+            try:
+                with amp:
+                    stats = step_fn(batch, step + 1, generator)
+            except FloatingPointError as e:
+                raise TrainingStopped(
+                    f"non-finite loss at step {step + 1}: {e}; last good checkpoint kept in "
+                    f"{ckpt_dir}",
+                    EXIT_NAN,
+                ) from None
+            step += 1
+            interval_steps += 1
+            stats = {k: float(v) for k, v in stats.items()}
+            if not all(math.isfinite(stats.get(k, 0.0)) for k in ("loss", "data")):
+                raise TrainingStopped(f"non-finite loss at step {step}", EXIT_NAN)
+            last_stats = stats
+            if step % t.log_every == 0 or step == t.max_steps:
+                now = time.perf_counter()
+                sps = interval_steps / max(now - interval_t, 1e-9)
+                interval_t, interval_steps = now, 0
+                row = {"step": step, **stats, "steps_per_s": sps, "rays_per_s": sps * t.batch_size}
+                row["wall_time_s"] = prior_wall + now - t0
+                rows.append(row)
+                write_csv(os.path.join(out_dir, "metrics.csv"), rows)
+                if tb is not None:
+                    for k, v in row.items():
+                        if k != "step":
+                            tb.add_scalar(f"train/{k}", v, step)
+                if bar is not None:
+                    bar.set_postfix(
+                        loss=f"{stats['loss']:.4f}",
+                        psnr=f"{stats.get('psnr', float('nan')):.2f}",
+                        rays_s=f"{sps * t.batch_size:.0f}",
+                    )
+            if bar is not None:
+                bar.update(1)
+            if step % t.checkpoint_every == 0 and step < t.max_steps:
+                save_checkpoint()
+            if flag.signum is not None:
+                save_checkpoint()
+                if bar is not None:
+                    bar.close()
+                name = signal.Signals(flag.signum).name
+                raise TrainingStopped(
+                    f"{name} received: checkpoint written at step {step}",
+                    SIGNAL_EXIT[flag.signum],
+                )
+            if t.time_limit_s > 0 and prior_wall + time.perf_counter() - t0 >= t.time_limit_s:
+                stop_reason = "time_limit"
+                break
+    if bar is not None:
+        bar.close()
+    if tb is not None:
+        tb.close()
+
+    save_checkpoint()
+    wall = prior_wall + time.perf_counter() - t0
+    run_wall = time.perf_counter() - t0
+    steps_run = step - start_step
+    summary = {
+        "wall_time_s": wall,
+        "steps": step,
+        "steps_per_s": steps_run / max(run_wall, 1e-9),
+        "rays_per_s": steps_run * t.batch_size / max(run_wall, 1e-9),
+        "peak_memory_mb": peak_memory_mb(dev),
+        "device": str(dev),
+        "preset": preset,
+        "batch_size": t.batch_size,
+        "num_params": num_params,
+        "final_train_psnr": last_stats.get("psnr"),
+        "final_loss": last_stats.get("loss"),
+        "stop_reason": stop_reason,
+        "torch_version": torch.__version__,
+    }
+    if rows:
+        plot_curves(rows, os.path.join(out_dir, "curves.png"))
+    write_json(os.path.join(out_dir, "summary.json"), summary)
+    final = {
+        "model": model.state_dict(),
+        "config": configs.to_dict(cfg),
+        "step": step,
+        "train_frac": step / t.max_steps,
+    }
+    atomic_torch_save(final, final_path)
+    return summary
+
+
+def load_trained(train_dir: str, device: str | torch.device = "cpu"):
+    """(model in eval mode, cfg, model.pt dict) from a finished training folder."""
+    from mipnerf360 import model as model_lib
+
+    path = os.path.join(train_dir, "model.pt")
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{path} not found: training in {train_dir} has not finished (or the path is wrong)"
+        )
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    try:
+        saved = torch.load(path, map_location=dev, weights_only=False)
+    except Exception as e:
+        raise ValueError(f"{path}: cannot read the model file: {e}") from None
+    cfg = configs.from_dict(saved["config"])
+    model = model_lib.build_model(cfg).to(dev)
+    model.load_state_dict(saved["model"])
+    model.eval()
+    return model, cfg, saved
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mipnerf360 train", description="Train mip-NeRF 360 on a scene."
+    )
+    p.add_argument("scene_dir", help="scene folder (images + poses)")
+    p.add_argument("out_dir", help="output folder (checkpoints, logs, model.pt)")
+    p.add_argument("--preset", default=None, help=f"config preset: {sorted(configs.PRESETS)}")
+    p.add_argument("--config", default=None, help="YAML config file (applied after the preset)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--manifest", default=None, help="prepare-step JSON; its split must match")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.resume and os.path.exists(os.path.join(args.out_dir, "model.pt")):
+        print(f"{args.out_dir}/model.pt exists: training already finished", file=sys.stderr)
+        return 0
+    try:
+        cfg = configs.get_config(args.preset, args.config, args.overrides)
+    except configs.ConfigError as e:
+        print(f"mipnerf360 train: config error: {e}", file=sys.stderr)
+        return 2
+    try:
+        summary = train(
+            args.scene_dir,
+            args.out_dir,
+            cfg,
+            resume=args.resume,
+            device=args.device,
+            manifest=args.manifest,
+            preset=args.preset,
+            progress=not args.no_progress,
+        )
+    except TrainingStopped as e:
+        print(f"mipnerf360 train: {e}", file=sys.stderr)
+        return e.exit_code
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
