@@ -30,6 +30,7 @@ class MLPConfig:
     max_deg_point: int = 12  # IPE uses degrees min_deg_point .. max_deg_point-1
     deg_view: int = 4  # view-direction positional-encoding degrees
     skip_layer: int = 4  # concat the input features after every skip_layer-th layer
+    skip_layer_dir: int = 4  # same for the view-direction branch (its own inputs)
     density_bias: float = -1.0  # density = softplus(raw + density_bias)
     rgb_padding: float = 0.001  # rgb = sigmoid(raw) * (1 + 2 pad) - pad
     basis_shape: str = "icosahedron"  # 'icosahedron' or 'octahedron' (geopoly basis)
@@ -150,7 +151,8 @@ def _preset_blender(width: int) -> Config:
     m.prop_mlp = MLPConfig(net_depth=4, net_width=256, disable_rgb=True, **kw)
     m.nerf_mlp = MLPConfig(net_depth=8, net_width=width, **kw)
     t = c.train
-    t.batching, t.data_loss_type, t.distortion_loss_mult, t.adam_eps = "single_image", "mse", 0.0, 1e-8
+    t.batching, t.data_loss_type = "single_image", "mse"
+    t.distortion_loss_mult, t.adam_eps = 0.0, 1e-8
     c.eval.chunk_size = 16384
     return c
 
@@ -161,7 +163,8 @@ def _preset_llff(width: int) -> Config:
     c.model.ray_shape = "cylinder"
     c.model.opaque_background = True
     t = c.train
-    t.batching, t.data_loss_type, t.distortion_loss_mult, t.adam_eps = "all_images", "charb", 0.01, 1e-8
+    t.batching, t.data_loss_type = "all_images", "charb"
+    t.distortion_loss_mult, t.adam_eps = 0.01, 1e-8
     return c
 
 
