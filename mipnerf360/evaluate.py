@@ -232,8 +232,8 @@ def evaluate_renders(
                 f"{render_dir}: {name}: render {pred.shape} vs ground truth {gt.shape}"
             )
         m = metrics.compute_metrics(
-            torch.from_numpy(pred),
-            torch.from_numpy(gt),
+            pred,
+            gt,
             quantize=quantize,
             lpips_nets=nets,
             crop_borders=crop_borders,
