@@ -1,0 +1,197 @@
+"""Tests for mipnerf360.metrics against multinerf golden vectors and the LPIPS known answers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+
+from mipnerf360 import metrics
+
+HERE = Path(__file__).parent
+GOLDEN = HERE / "golden"
+ASTRONAUT = HERE / "data" / "astronaut" / "astronaut.png"
+
+
+def golden(name):
+    return np.load(GOLDEN / f"{name}.npz")
+
+
+@pytest.mark.parametrize("pair", ["a", "b"])
+def test_image_metrics_golden(pair):
+    g = golden("image_metrics")
+    pred, gt = g[f"in_pred_{pair}"], g[f"in_gt_{pair}"]
+    np.testing.assert_array_equal(metrics.quantize(pred), g[f"out_pred_quantized_{pair}"])
+    pq = metrics.quantize(pred)
+    np.testing.assert_allclose(np.mean((pq - gt) ** 2), g[f"out_mse_{pair}"], rtol=1e-5)
+    np.testing.assert_allclose(metrics.ssim(pq, gt), g[f"out_ssim_{pair}"], rtol=1e-5, atol=1e-6)
+    m = metrics.compute_metrics(pred, gt, quantize=True, lpips_nets=())
+    assert set(m) == {"psnr", "ssim"}
+    np.testing.assert_allclose(m["psnr"], g[f"out_psnr_{pair}"], rtol=1e-5)
+    np.testing.assert_allclose(m["ssim"], g[f"out_ssim_{pair}"], rtol=1e-5, atol=1e-6)
+    # quantize=False really skips the rounding
+    m_raw = metrics.compute_metrics(pred, gt, quantize=False, lpips_nets=())
+    assert m_raw["psnr"] != pytest.approx(m["psnr"], abs=1e-9)
+
+
+def test_psnr_mse_srgb_golden():
+    g = golden("image_metrics")
+    np.testing.assert_allclose(metrics.psnr_to_mse(g["in_psnrs"]), g["out_psnr_to_mse"], rtol=1e-6)
+    np.testing.assert_allclose(
+        metrics.mse_to_psnr(metrics.psnr_to_mse(g["in_psnrs"])),
+        g["out_mse_to_psnr_roundtrip"],
+        rtol=1e-6,
+    )
+    ramp = g["in_ramp"]
+    np.testing.assert_allclose(metrics.linear_to_srgb(ramp), g["out_linear_to_srgb"], atol=1e-6)
+    np.testing.assert_allclose(metrics.srgb_to_linear(ramp), g["out_srgb_to_linear"], atol=1e-6)
+    x = np.linspace(0, 1, 57)
+    np.testing.assert_allclose(metrics.srgb_to_linear(metrics.linear_to_srgb(x)), x, atol=1e-6)
+
+
+def test_color_correct_golden():
+    g = golden("image_color_correct")
+    out = metrics.color_correct(g["in_img"], g["in_ref"])
+    assert out.shape == g["out_corrected"].shape
+    np.testing.assert_allclose(out, g["out_corrected"], atol=2e-6)
+
+
+def test_color_correct_undoes_affine_colour_change():
+    rng = np.random.default_rng(0)
+    ref = rng.uniform(0.1, 0.9, size=(20, 30, 3))
+    img = 0.8 * ref[..., ::-1] + 0.05  # channels swapped and scaled: a linear map of ref
+    np.testing.assert_allclose(metrics.color_correct(img, ref), ref, atol=1e-5)
+    with pytest.raises(ValueError, match="channels"):
+        metrics.color_correct(img, ref[..., :2])
+
+
+def test_ssim_properties():
+    rng = np.random.default_rng(1)
+    a = rng.uniform(size=(2, 24, 30, 3))
+    assert np.allclose(metrics.ssim(a, a), 1.0)
+    b = np.clip(a + rng.normal(0, 0.1, a.shape), 0, 1)
+    s = metrics.ssim(a, b)
+    assert s.shape == (2,) and np.all(s < 0.97) and np.all(s > 0.5)
+    assert metrics.ssim(a, b, return_map=True).shape == (2, 14, 20, 3)
+    with pytest.raises(ValueError, match="smaller"):
+        metrics.ssim(a[:, :8], b[:, :8])
+    with pytest.raises(ValueError, match="shapes differ"):
+        metrics.ssim(a, b[..., :2])
+
+
+def test_crop_borders():
+    rng = np.random.default_rng(2)
+    gt = rng.uniform(size=(30, 40, 3))
+    pred = gt + 1e-3
+    pred[:3] = 0.0  # damage only the border rows
+    m = metrics.compute_metrics(pred, gt, lpips_nets=(), crop_borders=3, quantize=False)
+    assert m["psnr"] == pytest.approx(60.0, abs=1e-6)
+    assert m["ssim"] == pytest.approx(1.0, abs=1e-4)
+    m0 = metrics.compute_metrics(pred, gt, lpips_nets=(), crop_borders=0, quantize=False)
+    assert m0["psnr"] < 30
+    with pytest.raises(ValueError):
+        metrics.compute_metrics(pred, gt[:-1], lpips_nets=())
+
+
+def _gaussian_blur_nearest(img, sigma):
+    """skimage.filters.gaussian(img, sigma, channel_axis=-1) for float input: scipy's
+    gaussian_filter with mode='nearest', truncate=4.0 on the two spatial axes."""
+    r = int(4.0 * sigma + 0.5)
+    x = np.arange(-r, r + 1)
+    k = np.exp(-0.5 * (x / sigma) ** 2)
+    k /= k.sum()
+    out = img
+    for axis in (0, 1):
+        pad = [(0, 0)] * img.ndim
+        pad[axis] = (r, r)
+        p = np.pad(out, pad, mode="edge")
+        n = out.shape[axis]
+        out = sum(w * np.take(p, np.arange(i, i + n), axis=axis) for i, w in enumerate(k))
+    return out
+
+
+@pytest.fixture(scope="module")
+def astronaut_pairs():
+    img = iio.imread(ASTRONAUT).astype(np.float64) / 255.0
+    assert img.shape == (512, 512, 3)
+    return img, _gaussian_blur_nearest(img, 2.0), np.roll(img, 3, axis=1)
+
+
+# Known answers from /work/shared/torch-home/README.md (lpips 0.1.4, float32, CPU).
+KNOWN = {
+    "blur": {"lpips_alex": 0.32342, "lpips_vgg": 0.29321, "psnr": 24.9866, "ssim": 0.80986},
+    "shift": {"lpips_alex": 0.07312, "lpips_vgg": 0.15186, "psnr": 17.8122, "ssim": 0.57901},
+}
+
+
+@pytest.mark.parametrize("case", ["blur", "shift"])
+def test_psnr_ssim_known_answers(astronaut_pairs, case):
+    img, blur, shift = astronaut_pairs
+    other = blur if case == "blur" else shift
+    m = metrics.compute_metrics(other, img, quantize=False, lpips_nets=())
+    assert m["psnr"] == pytest.approx(KNOWN[case]["psnr"], abs=1e-4)
+    # skimage's SSIM (reflect-padded, border-cropped) equals the 'valid' dm_pix SSIM
+    assert m["ssim"] == pytest.approx(KNOWN[case]["ssim"], abs=1e-5)
+
+
+def _have_lpips_weights():
+    return all(os.path.isfile(metrics.lpips_weights_path(n)) for n in ("alex", "vgg"))
+
+
+@pytest.mark.parametrize("net", ["alex", "vgg"])
+def test_lpips_known_answers(astronaut_pairs, net):
+    # CI sets TORCH_HOME=/work/shared/torch-home; without weights this must fail loudly.
+    assert _have_lpips_weights(), (
+        f"LPIPS weights missing under {os.path.dirname(metrics.lpips_weights_path(net))}; "
+        "run the tests with TORCH_HOME=/work/shared/torch-home"
+    )
+    img, blur, shift = astronaut_pairs
+    for case, other in (("blur", blur), ("shift", shift)):
+        d = metrics.lpips_distance(other, img, net=net)
+        assert d == pytest.approx(KNOWN[case][f"lpips_{net}"], abs=2e-5), case
+    assert metrics.lpips_distance(img, img, net=net) == pytest.approx(0.0, abs=1e-6)
+    # built once and cached
+    assert metrics.get_lpips(net) is metrics.get_lpips(net)
+
+
+def test_compute_metrics_lpips_keys(astronaut_pairs):
+    img, blur, _ = astronaut_pairs
+    m = metrics.compute_metrics(blur[:64, :96], img[:64, :96], lpips_nets=("alex",))
+    assert set(m) == {"psnr", "ssim", "lpips_alex"}
+    assert 0.0 < m["lpips_alex"] < 1.0
+
+
+def test_missing_lpips_weights_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
+    for net, fname in metrics.LPIPS_BACKBONE_FILES.items():
+        with pytest.raises(metrics.LPIPSWeightsError) as ei:
+            metrics.get_lpips(net, allow_download=False)
+        msg = str(ei.value)
+        assert str(tmp_path / "empty_torch_home" / "hub" / "checkpoints" / fname) in msg
+        assert "eval.lpips=false" in msg and "TORCH_HOME" in msg
+
+
+def test_lpips_download_failure_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(metrics.LPIPSWeightsError, match="alexnet-owt-7be5be79.pth") as ei:
+        metrics.get_lpips("alex", allow_download=True)
+    assert "eval.lpips=false" in str(ei.value)
+
+
+def test_corrupt_lpips_weights_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    ckpt = tmp_path / "hub" / "checkpoints"
+    ckpt.mkdir(parents=True)
+    (ckpt / "alexnet-owt-7be5be79.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(metrics.LPIPSWeightsError, match="unreadable") as ei:
+        metrics.get_lpips("alex")
+    assert str(ckpt / "alexnet-owt-7be5be79.pth") in str(ei.value)
