@@ -1,0 +1,36 @@
+rule train:
+    """Train one scene. Checkpoints (not an output) survive a failed or requeued job and
+    --resume continues from the latest; model.pt is written last."""
+    input:
+        manifest="results/prepare/{dataset}/{scene}/manifest.json",
+    output:
+        model="results/train/{dataset}/{scene}/model.pt",
+        summary="results/train/{dataset}/{scene}/summary.json",
+        metrics="results/train/{dataset}/{scene}/metrics.csv",
+        config="results/train/{dataset}/{scene}/config.yaml",
+        curves=report(
+            "results/train/{dataset}/{scene}/curves.png",
+            caption="../report/curves.rst",
+            category="Training curves",
+            subcategory="{dataset}",
+            labels={"data set": "{dataset}", "scene": "{scene}"},
+        ),
+    log:
+        "logs/train/{dataset}/{scene}.log",
+    benchmark:
+        "benchmarks/train/{dataset}/{scene}.tsv"
+    conda:
+        "../../envs/mipnerf360.yaml"
+    threads: train_resource("threads")
+    resources:
+        mem_mb=train_resource("mem_mb"),
+        runtime=train_resource("runtime"),
+        gpu=train_resource("gpu"),
+    params:
+        scene=scene_dir,
+        outdir=subpath(output.model, parent=True),
+        args=train_args,
+        device=device_args(),
+    shell:
+        "mipnerf360 train {params.scene:q} {params.outdir:q} {params.args}"
+        " --manifest {input.manifest:q} --resume {params.device} > {log} 2>&1"
