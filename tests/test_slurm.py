@@ -1,0 +1,184 @@
+"""The benchmark on a real (local, single-node) SLURM cluster.
+
+Tests marked ``slurm`` need the cluster of ``.ci/slurm/start.sh``. The session fixture
+``slurm_cluster`` uses a cluster that is already up (CI starts one) or starts one itself and
+then stops it again, by the PIDs in its pid files (``.ci/slurm/stop.sh``). Starting needs
+root (Debian packages are installed when missing).
+
+Every Snakemake run happens in a private copy under ``tmp_path``; nothing is written into the
+repository.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CI = REPO / ".ci" / "slurm"
+PROFILE = REPO / "workflow" / "profiles" / "slurm"
+BASE = Path(os.environ.get("MIPNERF_SLURM_BASE", "/tmp/mipnerf360-slurm"))
+
+# the profile's 20 s first status check is too slow for tests
+FAST = ["--slurm-init-seconds-before-status-checks", "1", "--latency-wait", "5"]
+
+
+def slurm_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["SLURM_CONF"] = str(BASE / "etc" / "slurm.conf")
+    env["PATH"] = env.get("PATH", "") + ":/usr/sbin:/sbin"
+    return env
+
+
+def sh(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    kw.setdefault("env", slurm_env())
+    kw.setdefault("timeout", 120)
+    return subprocess.run(cmd, capture_output=True, text=True, **kw)
+
+
+def cluster_up() -> bool:
+    if not (BASE / "etc" / "slurm.conf").exists():
+        return False
+    try:
+        ping = sh(["scontrol", "ping"], timeout=20)
+        info = sh(["sinfo", "-h", "-o", "%T"], timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    state = info.stdout.strip()
+    return "UP" in ping.stdout and state in ("idle", "mixed", "allocated", "completing")
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A usable local SLURM cluster; stopped afterwards if this fixture started it."""
+    started = False
+    if not cluster_up():
+        res = sh(["bash", str(CI / "start.sh")], timeout=600)
+        assert res.returncode == 0, f"start.sh failed:\n{res.stdout}\n{res.stderr}"
+        started = True
+    assert cluster_up(), "the SLURM cluster is not usable after start.sh"
+    yield BASE
+    if started:
+        res = sh(["bash", str(CI / "stop.sh")], timeout=300)
+        assert res.returncode == 0, res.stderr
+
+
+def snakemake(workdir: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run snakemake in ``workdir`` with the repository's SLURM profile."""
+    cmd = [sys.executable, "-m", "snakemake", "--profile", str(PROFILE), *FAST, *args]
+    return sh(cmd, cwd=workdir, timeout=timeout)
+
+
+def submitted_jobs(log: str) -> dict[str, list[str]]:
+    """rule name -> SLURM job ids, parsed from the plugin's submit lines in a snakemake log."""
+    jobs: dict[str, list[str]] = {}
+    pat = r"submitted with SLURM jobid (\d+) \(log: \S*/slurm_logs/rule_([^/]+)/"
+    for jid, rule in re.findall(pat, log):
+        jobs.setdefault(rule, []).append(jid)
+    return jobs
+
+
+def show_job(jobid: str) -> dict[str, str]:
+    """``scontrol show job`` as a dict (finished jobs stay visible for MinJobAge=600 s)."""
+    res = sh(["scontrol", "show", "job", "-o", jobid])
+    assert res.returncode == 0, res.stderr
+    fields = {}
+    for tok in res.stdout.split():
+        key, _, value = tok.partition("=")
+        fields[key] = value
+    return fields
+
+
+# --------------------------------------------------------------------------------- profile
+
+
+def test_profile_is_a_slurm_profile():
+    prof = yaml.safe_load((PROFILE / "config.yaml").read_text())
+    assert prof["executor"] == "slurm"
+    res = prof["default-resources"]
+    for key in ("slurm_partition", "slurm_account", "runtime", "mem_mb"):
+        assert key in res, key
+    assert int(prof["retries"]) >= 1  # a preempted / timed-out training job is resubmitted
+    assert prof["slurm-status-command"] in ("squeue", "sacct")
+
+
+def test_profile_readme_exists():
+    text = (PROFILE / "README.md").read_text()
+    assert "Running on a SLURM cluster" in text
+    assert "--profile workflow/profiles/slurm" in text
+
+
+# --------------------------------------------------------------------------------- cluster
+
+
+TOY = """
+localrules: all
+
+rule all:
+    input: "r/cpu.txt", "r/gpu.txt"
+
+rule cpu:
+    output: "r/cpu.txt"
+    resources: mem_mb=300, runtime=5
+    shell: "echo ${{SLURM_JOB_ID:-none}} > {output}"
+
+rule gpu:
+    output: "r/gpu.txt"
+    resources: mem_mb=300, runtime=5, gpu=1
+    shell:
+        "echo ${{SLURM_JOB_ID:-none}} ${{CUDA_VISIBLE_DEVICES:-unset}} > {output}"
+
+rule gpu2:
+    output: "r/gpu2.txt"
+    resources: mem_mb=300, runtime=5, gpu=2
+    shell: "touch {output}"
+"""
+
+
+@pytest.mark.slurm
+def test_cluster_start_is_idempotent(slurm_cluster):
+    pidfiles = [slurm_cluster / "run" / f for f in ("slurmctld.pid", "slurmd.pid")]
+    before = [p.read_text().strip() for p in pidfiles]
+    res = sh(["bash", str(CI / "start.sh")])
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().splitlines()[-1] == f"export SLURM_CONF={BASE}/etc/slurm.conf"
+    assert [p.read_text().strip() for p in pidfiles] == before  # nothing restarted
+
+
+@pytest.mark.slurm
+def test_jobs_run_under_slurm_and_gpu_job_gets_a_gpu(slurm_cluster, tmp_path):
+    (tmp_path / "Snakefile").write_text(TOY)
+    res = snakemake(tmp_path, "--retries", "0")
+    assert res.returncode == 0, res.stdout + res.stderr
+    log = res.stdout + res.stderr
+    jobs = submitted_jobs(log)
+    assert sorted(jobs) == ["cpu", "gpu"], log  # `all` is local, the others went to SLURM
+
+    cpu_id = (tmp_path / "r" / "cpu.txt").read_text().split()
+    assert cpu_id == jobs["cpu"]  # the rule ran inside that SLURM job
+    gpu_id, cuda = (tmp_path / "r" / "gpu.txt").read_text().split()
+    assert gpu_id == jobs["gpu"][0]
+    assert cuda == "0"  # the node's one GPU, index 0
+
+    gpu_job, cpu_job = show_job(gpu_id), show_job(cpu_id[0])
+    assert gpu_job["JobState"] == "COMPLETED" and cpu_job["JobState"] == "COMPLETED"
+    assert "gpu:1" in gpu_job.get("TresPerJob", "") + gpu_job.get("TresPerNode", "")
+    assert "gpu" not in cpu_job.get("TresPerJob", "") + cpu_job.get("TresPerNode", "")
+
+
+@pytest.mark.slurm
+def test_two_gpus_on_a_one_gpu_cluster_fail_clearly(slurm_cluster, tmp_path):
+    (tmp_path / "Snakefile").write_text(TOY)
+    res = snakemake(tmp_path, "--retries", "0", "r/gpu2.txt", timeout=120)
+    log = res.stdout + res.stderr
+    assert res.returncode != 0
+    assert "Error in rule gpu2" in log
+    assert "Requested node configuration is not available" in log
+    assert "--gpus=2" in log
+    assert not (tmp_path / "r" / "gpu2.txt").exists()
