@@ -141,8 +141,20 @@ def test_wrong_checksum_fails_and_does_not_extract(server, tmp_path):
     assert not dest.exists()
     assert not archive.exists() and (tmp_path / "data.zip.bad").exists()  # set aside
     # the CLI reports it as an error naming the file
-    assert dl.main([f"{base}/data.zip", "--dest", str(dest), "--archive", str(archive),
-                    "--sha256", "0" * 64]) == 1  # fmt: skip
+    assert (
+        dl.main(
+            [
+                f"{base}/data.zip",
+                "--dest",
+                str(dest),
+                "--archive",
+                str(archive),
+                "--sha256",
+                "0" * 64,
+            ]
+        )
+        == 1
+    )
     assert not dest.exists()
 
 
@@ -156,8 +168,10 @@ def test_corrupt_zip_fails_and_does_not_extract(server, tmp_path):
     bad = bytes(bad)
     h.files["/bad.zip"] = bad
     h.files["/notzip.zip"] = b"<html>quota exceeded</html>"
-    for name, pattern in [("bad.zip", r"bad\.zip: corrupt zip archive"),
-                          ("notzip.zip", r"notzip\.zip: not a valid zip")]:  # fmt: skip
+    for name, pattern in [
+        ("bad.zip", r"bad\.zip: corrupt zip archive"),
+        ("notzip.zip", r"notzip\.zip: not a valid zip"),
+    ]:
         dest = tmp_path / name.replace(".zip", "")
         with pytest.raises(dl.DownloadError, match=pattern):
             dl.download(f"{base}/{name}", dest, tmp_path / name)
@@ -180,8 +194,22 @@ def test_offline_archive_used_without_network(tmp_path):
     # port 9 on 127.0.0.1 (discard) is not served: any network access would fail
     url = "http://127.0.0.1:9/data.zip"
     sha = hashlib.sha256(GOOD).hexdigest()
-    assert dl.main([url, "--dest", str(tmp_path / "d"), "--archive", str(archive),
-                    "--sha256", sha, "--retries", "1"]) == 0  # fmt: skip
+    assert (
+        dl.main(
+            [
+                url,
+                "--dest",
+                str(tmp_path / "d"),
+                "--archive",
+                str(archive),
+                "--sha256",
+                sha,
+                "--retries",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "d" / "scenes/a/poses.txt").exists()
 
 
