@@ -1,0 +1,355 @@
+"""datasets.py: golden parity with multinerf's LLFF loader, bird, Blender, sampler, bad input."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image as PILImage
+
+from mipnerf360 import camera, colmap, datasets
+from mipnerf360.configs import DataConfig
+
+HERE = Path(__file__).parent
+GOLDEN = HERE / "golden"
+BIRD = HERE / "data" / "bird"
+RAY_KEYS = ("origins", "directions", "viewdirs", "radii", "near", "far")
+
+
+# ---------------------------------------------------------------------------
+# Golden scene (multinerf datasets.LLFF on a synthetic COLMAP scene)
+
+
+def _write_golden_scene(d, root: Path, with_small=True) -> Path:
+    """Write the golden npz's scene: sparse/0 (our writer), images/ and images_4/."""
+    scene = root / "scene"
+    w, h, f = int(d["in_full_width"]), int(d["in_full_height"]), int(d["in_factor"])
+    cams = {
+        1: colmap.Camera(1, "OPENCV", w, h, d["in_opencv_params_fx_fy_cx_cy_k1_k2_p1_p2"].copy())
+    }
+    ims = {}
+    for i, name in enumerate(d["in_colmap_names"]):
+        ims[i + 1] = colmap.Image(
+            i + 1,
+            d["in_colmap_qvec_w2c"][i],
+            d["in_colmap_tvec_w2c"][i],
+            1,
+            str(name),
+            np.zeros((0, 2)),
+            np.zeros(0, np.int64),
+        )
+    colmap.write_model(cams, ims, {}, scene / "sparse" / "0")
+    # Sorted-order images, reassembled from the split outputs.
+    sorted_imgs = np.zeros((len(ims), h // f, w // f, 3), np.float32)
+    sorted_imgs[d["out_train_indices_in_sorted_order"]] = d["out_train_images"]
+    sorted_imgs[d["out_test_indices_in_sorted_order"]] = d["out_test_images"]
+    u8 = np.round(sorted_imgs * 255).astype(np.uint8)
+    (scene / "images").mkdir()
+    if with_small:
+        (scene / "images_4").mkdir()
+    for name, small in zip(d["in_sorted_names"], u8, strict=True):
+        # Full-res image = each small pixel repeated f x f, so area downsampling gives it back.
+        full = np.repeat(np.repeat(small, f, 0), f, 1)
+        PILImage.fromarray(full).save(scene / "images" / str(name))
+        if with_small:
+            PILImage.fromarray(small).save(scene / "images_4" / str(name))
+    if "in_poses_bounds_near_far" in d:
+        rows = np.zeros((len(ims), 17))
+        rows[:, 15:] = d["in_poses_bounds_near_far"]
+        np.save(scene / "poses_bounds.npy", rows)
+    return scene
+
+
+def _golden_cfg(d, forward_facing):
+    return DataConfig(
+        dataset_type="colmap",
+        factor=int(d["in_factor"]),
+        near=float(d["in_near"]),
+        far=float(d["in_far"]),
+        forward_facing=forward_facing,
+        llffhold=8,
+        render_path_frames=12,
+    )
+
+
+@pytest.mark.parametrize("variant", ["360", "forward_facing"])
+@pytest.mark.parametrize("with_small", [True, False])
+def test_llff_loader_golden(tmp_path, variant, with_small):
+    d = dict(np.load(GOLDEN / f"llff_loader_{variant}.npz"))
+    ff = variant == "forward_facing"
+    scene_dir = _write_golden_scene(d, tmp_path, with_small)
+    s = datasets.load_scene(scene_dir, _golden_cfg(d, ff))
+    if not with_small:  # the loader made images_4 itself (mean-pool of the f x f blocks)
+        assert sorted(p.stem for p in (scene_dir / "images_4").iterdir()) == [
+            Path(n).stem for n in d["in_sorted_names"]
+        ]
+    assert s.names == [str(n) for n in d["in_sorted_names"]]
+    np.testing.assert_array_equal(s.i_train, d["out_train_indices_in_sorted_order"])
+    np.testing.assert_array_equal(s.i_test, d["out_test_indices_in_sorted_order"])
+    tol = dict(rtol=0, atol=1e-10)
+    np.testing.assert_allclose(s.camtoworlds, d["out_all_poses_sorted"], **tol)
+    np.testing.assert_allclose(
+        s.colmap_to_world_transform, d["out_colmap_to_world_transform"], **tol
+    )
+    assert s.pixtocams.dtype == np.float32
+    for p in s.pixtocams:
+        np.testing.assert_array_equal(p, d["out_pixtocams"])
+    assert s.focal == d["out_focal"]
+    assert (s.width, s.height) == (16, 12)
+    if ff:
+        np.testing.assert_array_equal(s.pixtocam_ndc, d["out_pixtocam_ndc"])
+        np.testing.assert_allclose(s.render_poses, d["out_render_poses"], **tol)
+    else:
+        assert s.pixtocam_ndc is None
+        # ellipse path: the reference resamples theta in float32 (see test_camera)
+        np.testing.assert_allclose(s.render_poses, d["out_render_poses"], rtol=0, atol=2e-6)
+    for split, idx in (("train", s.i_train), ("test", s.i_test)):
+        np.testing.assert_allclose(s.camtoworlds[idx], d[f"out_{split}_camtoworlds"], **tol)
+        np.testing.assert_array_equal(s.images[idx], d[f"out_{split}_images"])
+        rays = datasets.image_rays_np(s, idx[0])
+        for k in RAY_KEYS:
+            np.testing.assert_allclose(rays[k], d[f"out_{split}_img0_rays_{k}"], **tol, err_msg=k)
+        rays_t = datasets.image_rays(s, idx[0])
+        np.testing.assert_array_equal(rays_t["rgb"].numpy(), d[f"out_{split}_img0_rgb"])
+        for k in RAY_KEYS:
+            assert rays_t[k].dtype == torch.float32 and rays_t[k].shape[:2] == (12, 16)
+            np.testing.assert_allclose(
+                rays_t[k].numpy(), d[f"out_{split}_img0_rays_{k}"], rtol=1e-6, atol=1e-6
+            )
+
+
+def test_sampler_matches_image_rays(tmp_path):
+    """Torch-made training rays = the float64 reference rays of the same pixels."""
+    d = dict(np.load(GOLDEN / "llff_loader_forward_facing.npz"))
+    for ff in (False, True):
+        s = datasets.load_scene(_write_golden_scene(d, tmp_path / str(ff)), _golden_cfg(d, ff))
+        sampler = datasets.RaySampler(s, 64, "cpu", seed=3)
+        cam = torch.tensor([0, 5, 13, 2])
+        px, py = torch.tensor([0, 15, 7, 3]), torch.tensor([0, 11, 4, 9])
+        got = sampler.rays_for(cam, px, py)
+        for j in range(4):
+            full = datasets.image_rays_np(s, s.i_train[cam[j]])
+            for k in RAY_KEYS:
+                np.testing.assert_allclose(
+                    got[k][j].numpy(), full[k][py[j], px[j]], rtol=1e-5, atol=2e-6, err_msg=k
+                )
+            np.testing.assert_array_equal(
+                got["rgb"][j].numpy(), s.images[s.i_train[cam[j]]][py[j], px[j]]
+            )
+
+
+def test_sampler_determinism_and_state(tmp_path):
+    d = dict(np.load(GOLDEN / "llff_loader_360.npz"))
+    s = datasets.load_scene(_write_golden_scene(d, tmp_path), _golden_cfg(d, False))
+    a = datasets.RaySampler(s, 128, "cpu", seed=7)
+    b = datasets.RaySampler(s, 128, "cpu", seed=7)
+    a.sample()
+    b.sample()
+    state = a.get_state()
+    x1 = a.sample()
+    x2 = a.sample()
+    assert set(x1) == {"origins", "directions", "viewdirs", "radii", "near", "far", "rgb"}
+    for k, v in x1.items():
+        assert v.dtype == torch.float32 and v.shape[0] == 128, k
+    assert x1["radii"].shape == (128, 1) and x1["near"].shape == (128, 1)
+    torch.testing.assert_close(b.sample()["rgb"], x1["rgb"], rtol=0, atol=0)
+    c = datasets.RaySampler(s, 128, "cpu", seed=0)
+    c.set_state(state)
+    for ref in (x1, x2):
+        got = c.sample()
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], rtol=0, atol=0)
+    assert not torch.equal(x1["origins"], x2["origins"])
+    single = datasets.RaySampler(s, 128, "cpu", seed=1, batching="single_image").sample()
+    assert torch.unique(single["origins"], dim=0).shape[0] == 1
+
+
+# ---------------------------------------------------------------------------
+# bird (real capture, 184 images, one SIMPLE_PINHOLE camera per image)
+
+
+@pytest.fixture(scope="module")
+def bird_copy(tmp_path_factory):
+    dst = tmp_path_factory.mktemp("bird") / "bird"
+    shutil.copytree(BIRD, dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def bird_colmap(bird_copy):
+    return datasets.load_scene(
+        bird_copy, DataConfig(dataset_type="colmap", factor=8, near=0.2, far=1e6)
+    )
+
+
+def test_bird_colmap(bird_copy, bird_colmap):
+    s = bird_colmap
+    assert not (BIRD / "images_8").exists()  # never written into tests/data
+    assert (bird_copy / "images_8").is_dir() and len(
+        list((bird_copy / "images_8").iterdir())
+    ) == 184
+    assert s.images.shape == (184, 120, 68, 3) and s.images.dtype == np.float32
+    assert s.names == sorted(s.names) and s.names[0] == "001.jpg"
+    np.testing.assert_array_equal(s.i_test, np.arange(0, 184, 8))
+    assert len(s.i_train) == 184 - 23
+    # camera centres normalised into [-1, 1]^3, touching it
+    c = s.camtoworlds[:, :, 3]
+    assert np.abs(c).max() == pytest.approx(1.0)
+    # per-image focal lengths kept (scaled by 1/8)
+    cams, ims, _ = colmap.read_model(BIRD / "sparse" / "0")
+    by_name = {im.name: cams[im.camera_id].params[0] for im in ims.values()}
+    expect = np.array([by_name[n] for n in s.names]) / 8
+    np.testing.assert_allclose(s.focals, expect, rtol=1e-6)
+    assert expect.max() / expect.min() > 1.25
+    # images = area average of the originals
+    full = np.asarray(PILImage.open(BIRD / "images" / s.names[5]), np.float64)
+    pooled = full.reshape(120, 8, 68, 8, 3).mean(axis=(1, 3)) / 255
+    np.testing.assert_allclose(s.images[5], pooled, atol=0.5 / 255 + 1e-7)
+    # render path: ellipse around the scene
+    assert s.render_poses.shape == (120, 3, 4)
+    np.testing.assert_allclose(s.render_pixtocam, camera.get_pixtocam(s.focal, 68, 120))
+
+
+def test_bird_llff_agrees_with_colmap(bird_copy, bird_colmap):
+    s = datasets.load_scene(bird_copy, DataConfig(dataset_type="llff", factor=8, near=0.2, far=1e6))
+    assert s.names == bird_colmap.names
+    np.testing.assert_allclose(s.camtoworlds, bird_colmap.camtoworlds, atol=1e-6)
+    np.testing.assert_array_equal(s.images, bird_colmap.images)
+    # sparse/0 next to poses_bounds.npy: per-image intrinsics from COLMAP
+    np.testing.assert_allclose(s.focals, bird_colmap.focals)
+
+
+def test_bird_llff_hwf_intrinsics(bird_copy, tmp_path):
+    """Without sparse/0 the LLFF loader takes the intrinsics from hwf, as LLFF does."""
+    scene = tmp_path / "bird_llff"
+    scene.mkdir()
+    (scene / "images_8").symlink_to(bird_copy / "images_8")
+    shutil.copy(bird_copy / "poses_bounds.npy", scene)
+    cfg = DataConfig(dataset_type="llff", factor=8, forward_facing=True, near=0.0, far=1.0)
+    s = datasets.load_scene(scene, cfg)
+    hwf = np.load(BIRD / "poses_bounds.npy")[:, :15].reshape(-1, 3, 5)[:, :, 4]
+    np.testing.assert_allclose(s.focals, hwf[:, 2] / 8, rtol=1e-6)
+    assert s.pixtocam_ndc is not None and s.bounds.shape == (184, 2)
+    assert s.render_poses.shape == (120, 3, 4)
+
+
+# ---------------------------------------------------------------------------
+# Blender
+
+
+def _write_blender(root: Path, sizes=None, frames=True):
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    data = {}
+    for split, n in (("train", 3), ("val", 1), ("test", 2)):
+        (root / split).mkdir()
+        fr = []
+        for i in range(n):
+            size = (sizes or {}).get((split, i), (8, 8))
+            rgba = rng.integers(0, 256, size=size + (4,), dtype=np.uint8)
+            PILImage.fromarray(rgba, "RGBA").save(root / split / f"r_{i}.png")
+            c2w = np.eye(4)
+            c2w[:3, :3] = camera.viewmatrix(rng.normal(size=3), [0, 0, 1], [0, 0, 0])[:, :3]
+            c2w[:3, 3] = rng.normal(size=3) * 4
+            fr.append({"file_path": f"./{split}/r_{i}", "transform_matrix": c2w.tolist()})
+            data[(split, i)] = (rgba, c2w)
+        meta = {"camera_angle_x": 0.69}
+        if frames:
+            meta["frames"] = fr
+        (root / f"transforms_{split}.json").write_text(json.dumps(meta))
+    return data
+
+
+@pytest.mark.parametrize("white", [True, False])
+def test_blender(tmp_path, white):
+    data = _write_blender(tmp_path / "lego")
+    s = datasets.load_scene(
+        tmp_path / "lego", DataConfig(dataset_type="blender", white_background=white)
+    )
+    assert s.images.shape == (5, 8, 8, 3)
+    np.testing.assert_array_equal(s.i_train, [0, 1, 2])
+    np.testing.assert_array_equal(s.i_test, [3, 4])
+    rgba, c2w = data[("test", 1)]
+    a = rgba[..., 3:] / 255.0
+    expect = rgba[..., :3] / 255.0 * a + (1.0 - a if white else 0.0)
+    np.testing.assert_array_equal(s.images[4], expect.astype(np.float32))
+    np.testing.assert_array_equal(s.camtoworlds[4], c2w[:3])
+    f = 0.5 * 8 / np.tan(0.5 * 0.69)
+    np.testing.assert_allclose(s.pixtocams[0], camera.get_pixtocam(f, 8, 8), rtol=1e-6)
+    assert s.render_poses.shape == (120, 3, 4) and (s.near, s.far) == (2.0, 6.0)
+
+
+# ---------------------------------------------------------------------------
+# Bad input: each a clear error naming the file
+
+
+def test_missing_image(tmp_path):
+    d = dict(np.load(GOLDEN / "llff_loader_360.npz"))
+    scene = _write_golden_scene(d, tmp_path)
+    victim = scene / "images" / str(d["in_sorted_names"][3])
+    victim.unlink()
+    with pytest.raises(datasets.DatasetError, match=f"{victim.name}.*images.bin.*missing"):
+        datasets.load_scene(scene, _golden_cfg(d, False))
+
+
+def test_truncated_images_bin(tmp_path):
+    d = dict(np.load(GOLDEN / "llff_loader_360.npz"))
+    scene = _write_golden_scene(d, tmp_path)
+    p = scene / "sparse" / "0" / "images.bin"
+    p.write_bytes(p.read_bytes()[:-30])
+    with pytest.raises(colmap.ColmapError, match=r"images\.bin.*truncated"):
+        datasets.load_scene(scene, _golden_cfg(d, False))
+
+
+def test_unknown_camera_model_id(tmp_path):
+    d = dict(np.load(GOLDEN / "llff_loader_360.npz"))
+    scene = _write_golden_scene(d, tmp_path)
+    p = scene / "sparse" / "0" / "cameras.bin"
+    raw = bytearray(p.read_bytes())
+    raw[12:16] = (99).to_bytes(4, "little")
+    p.write_bytes(bytes(raw))
+    with pytest.raises(colmap.ColmapError, match=r"cameras\.bin.*unknown camera model id 99"):
+        datasets.load_scene(scene, _golden_cfg(d, False))
+
+
+def test_unsupported_camera_model(tmp_path):
+    d = dict(np.load(GOLDEN / "llff_loader_360.npz"))
+    scene = _write_golden_scene(d, tmp_path)
+    cams, ims, pts = colmap.read_model(scene / "sparse" / "0")
+    cams[1] = colmap.Camera(1, "FOV", 64, 48, np.array([70.0, 71, 32, 24, 0.1]))
+    colmap.write_model(cams, ims, pts, scene / "sparse" / "0")
+    with pytest.raises(datasets.DatasetError, match=r"cameras\.bin.*FOV"):
+        datasets.load_scene(scene, _golden_cfg(d, False))
+
+
+def test_json_without_frames(tmp_path):
+    _write_blender(tmp_path / "lego", frames=False)
+    with pytest.raises(datasets.DatasetError, match=r"transforms_train\.json.*frames"):
+        datasets.load_scene(tmp_path / "lego", DataConfig(dataset_type="blender"))
+
+
+def test_images_of_different_sizes(tmp_path):
+    _write_blender(tmp_path / "lego", sizes={("test", 1): (8, 6)})
+    with pytest.raises(datasets.DatasetError, match=r"test/r_1\.png.*size"):
+        datasets.load_scene(tmp_path / "lego", DataConfig(dataset_type="blender"))
+
+
+def test_poses_bounds_row_count(tmp_path):
+    scene = tmp_path / "s"
+    (scene / "images").mkdir(parents=True)
+    for i in range(4):
+        PILImage.fromarray(np.zeros((6, 8, 3), np.uint8)).save(scene / "images" / f"{i}.png")
+    np.save(scene / "poses_bounds.npy", np.ones((5, 17)))
+    with pytest.raises(datasets.DatasetError, match=r"poses_bounds\.npy.*5 rows.*4 images"):
+        datasets.load_scene(scene, DataConfig(dataset_type="llff"))
+
+
+def test_missing_scene_and_bad_type(tmp_path):
+    with pytest.raises(datasets.DatasetError, match="nope"):
+        datasets.load_scene(tmp_path / "nope", DataConfig())
+    with pytest.raises(datasets.DatasetError, match="sparse"):
+        datasets.load_scene(tmp_path, DataConfig(dataset_type="colmap"))
+    with pytest.raises(datasets.DatasetError, match="dataset_type"):
+        datasets.load_scene(tmp_path, DataConfig(dataset_type="nerfstudio"))
