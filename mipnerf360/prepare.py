@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dataset-type", required=True, choices=["colmap", "llff", "blender"])
     p.add_argument("--factor", type=int, default=0, help="image downsampling factor (0/1: none)")
     p.add_argument("overrides", nargs="*", help="data.key=value settings for loading")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)
     try:
         m = prepare(a.scene_dir, a.manifest, a.dataset_type, a.factor, a.overrides)
     except PrepareError as e:

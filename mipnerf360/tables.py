@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         metavar="DATASET=KEY",
         help="compare DATASET with the published numbers KEY (360, blender_256, llff_256, ...)",
     )
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)
     try:
         scenes = []
         for item in a.scenes:

@@ -126,6 +126,14 @@ def test_missing_scene_and_blender_json(scenes, tmp_path):
         prepare.prepare(src, tmp_path / "m.json", "blender", 0)
 
 
+def test_cli_data_overrides_after_options(scenes, tmp_path):
+    m = tmp_path / "m.json"
+    args = [str(scenes / "llff"), str(m), "--dataset-type", "llff", "--factor", "0"]
+    assert prepare.main([*args, "data.near=0.5", "data.far=2.0"]) == 0
+    got = json.loads(m.read_text())
+    assert (got["near"], got["far"]) == (0.5, 2.0)
+
+
 def test_bad_override_is_named(scenes, tmp_path):
     with pytest.raises(prepare.PrepareError, match="data.nope"):
         prepare.prepare(scenes / "360", tmp_path / "m.json", "colmap", 0, ["data.nope=1"])

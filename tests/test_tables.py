@@ -90,6 +90,18 @@ def test_missing_metrics_file_is_named(tmp_path, capsys):
     assert "evaluate/d/b/metrics.json: not found" in err
 
 
+def test_cli_as_the_workflow_calls_it(tmp_path, capsys):
+    write_scene(tmp_path, "a", "x", 20.0, 0.5, 0.3)
+    write_scene(tmp_path, "b", "bonsai", 30.0, 0.9, 0.2)
+    out = tmp_path / "t"
+    args = [str(out), "--results", str(tmp_path), "a/x", "b/bonsai", "--published", "b=360"]
+    assert tables.main(args) == 0
+    df = pd.read_csv(out / "b.csv", index_col="scene")
+    pub = tables.load_published()["360"]["scenes"]["bonsai"]
+    assert df.loc["bonsai", "d_psnr"] == pytest.approx(30.0 - pub["psnr"])
+    assert "pub_psnr" not in pd.read_csv(out / "a.csv").columns
+
+
 def test_bad_arguments(tmp_path, capsys):
     write_scene(tmp_path, "d", "a", 20.0, 0.5, 0.3)
     assert tables.main([str(tmp_path / "t"), "d-a", "--results", str(tmp_path)]) == 1

@@ -4,7 +4,11 @@ import os
 import shlex
 
 RESOURCES_DIR = config.get("resources_dir", "resources")
-LPIPS = config.get("metrics", {}).get("lpips", True)
+_METRICS = config.get("metrics", {})
+if _METRICS.get("lpips", True):
+    LPIPS_ARGS = "--lpips-nets " + ",".join(_METRICS.get("lpips_nets", ["alex", "vgg"]))
+else:
+    LPIPS_ARGS = "--no-lpips"
 DATASETS = config["datasets"]
 SCENES = [(d, s) for d, ds in DATASETS.items() for s in ds["scenes"]]
 # Each archive is extracted (atomically) to <resources_dir>/data/<archive key>.
@@ -110,6 +114,15 @@ def train_args(wildcards):
     return " ".join(
         shlex.quote(a) for a in ["--preset", st["preset"], *override_args(st)]
     )
+
+
+def prepare_args(wildcards):
+    """Loader settings of one scene: data set type, factor and the data.* overrides."""
+    st = scene_settings(wildcards.dataset, wildcards.scene)
+    args = ["--dataset-type", st["dataset_type"], "--factor", str(st["factor"])]
+    args += [a for a in override_args(st) if a.startswith("data.")]
+    args = [a for a in args if not a.startswith(("data.dataset_type=", "data.factor="))]
+    return " ".join(shlex.quote(a) for a in args)
 
 
 def archive_args(wildcards):

@@ -2,6 +2,7 @@ rule evaluate:
     """PSNR / SSIM / LPIPS of the rendered test views."""
     input:
         renders="results/render/{dataset}/{scene}/renders.json",
+        config="results/train/{dataset}/{scene}/config.yaml",
     output:
         metrics="results/evaluate/{dataset}/{scene}/metrics.json",
         csv="results/evaluate/{dataset}/{scene}/metrics.csv",
@@ -17,6 +18,6 @@ rule evaluate:
     params:
         render_dir=subpath(input.renders, parent=True),
         outdir=subpath(output.metrics, parent=True),
-        lpips="" if LPIPS else "--no-lpips",
+        lpips=LPIPS_ARGS,
     shell:
-        "mipnerf360 evaluate {params.render_dir:q} {params.outdir:q} {params.lpips} > {log} 2>&1"
+        "mipnerf360 evaluate {params.render_dir:q} {params.outdir:q} --config {input.config:q} {params.lpips} > {log} 2>&1"

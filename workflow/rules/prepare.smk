@@ -1,17 +1,17 @@
 rule prepare:
-    """Validate a scene, make downsampled images and write the manifest."""
+    """Validate a scene, make downsampled images and write the manifest. The prepared scene
+    (links to the source + images_<factor>) is what training and rendering read."""
     input:
         scene_input,
     output:
-        "results/prepare/{dataset}/{scene}/manifest.json",
+        manifest="results/prepare/{dataset}/{scene}/manifest.json",
+        scene=directory("results/prepare/{dataset}/{scene}/scene"),
     log:
         "logs/prepare/{dataset}/{scene}.log",
     conda:
         "../../envs/mipnerf360.yaml"
     params:
-        scene=scene_dir,
-        dataset_type=lambda wc: scene_settings(wc.dataset, wc.scene)["dataset_type"],
-        factor=lambda wc: scene_settings(wc.dataset, wc.scene)["factor"],
+        source=scene_dir,
+        args=prepare_args,
     shell:
-        "mipnerf360 prepare {params.scene:q} {output:q} --dataset-type {params.dataset_type}"
-        " --factor {params.factor} > {log} 2>&1"
+        "mipnerf360 prepare {params.source:q} {output.manifest:q} {params.args} > {log} 2>&1"

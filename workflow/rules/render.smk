@@ -2,7 +2,7 @@ rule render:
     """Render the test views of a trained model (color/, gt/, depth/, acc/)."""
     input:
         model="results/train/{dataset}/{scene}/model.pt",
-        manifest="results/prepare/{dataset}/{scene}/manifest.json",
+        scene="results/prepare/{dataset}/{scene}/scene",
     output:
         renders="results/render/{dataset}/{scene}/renders.json",
         color=report(
@@ -23,8 +23,8 @@ rule render:
         runtime=step_resources("render")["runtime"],
         gpu=step_resources("render")["gpu"],
     params:
-        scene=scene_dir,
         train_dir=subpath(input.model, parent=True),
         outdir=subpath(output.renders, parent=True),
+        device=device_args(),
     shell:
-        "mipnerf360 render {params.train_dir:q} {params.scene:q} {params.outdir:q} > {log} 2>&1"
+        "mipnerf360 render {params.train_dir:q} {input.scene:q} {params.outdir:q} {params.device} > {log} 2>&1"

@@ -3,6 +3,7 @@ rule train:
     --resume continues from the latest; model.pt is written last."""
     input:
         manifest="results/prepare/{dataset}/{scene}/manifest.json",
+        scene="results/prepare/{dataset}/{scene}/scene",
     output:
         model="results/train/{dataset}/{scene}/model.pt",
         summary="results/train/{dataset}/{scene}/summary.json",
@@ -18,7 +19,7 @@ rule train:
     log:
         "logs/train/{dataset}/{scene}.log",
     benchmark:
-        "benchmarks/train/{dataset}/{scene}.tsv"
+        "results/benchmarks/train/{dataset}/{scene}.tsv"
     conda:
         "../../envs/mipnerf360.yaml"
     threads: train_resource("threads")
@@ -27,10 +28,9 @@ rule train:
         runtime=train_resource("runtime"),
         gpu=train_resource("gpu"),
     params:
-        scene=scene_dir,
         outdir=subpath(output.model, parent=True),
         args=train_args,
         device=device_args(),
     shell:
-        "mipnerf360 train {params.scene:q} {params.outdir:q} {params.args}"
+        "mipnerf360 train {input.scene:q} {params.outdir:q} {params.args}"
         " --manifest {input.manifest:q} --resume {params.device} > {log} 2>&1"
