@@ -199,16 +199,17 @@ class Scene:
         """Ray-cast the scene.
 
         Args:
-          origins: [..., 3] ray origins; directions: [..., 3] (any length, normalised here).
+          origins, directions: [..., 3] (broadcastable; directions of any length, normalised here).
         Returns:
           dict of 'rgb' [..., 3] (0 where nothing is hit), 'hit' [...] bool, 'distance' [...]
           (Euclidean distance from the origin to the hit, inf on a miss), 'points' [..., 3],
           'normals' [..., 3] and 'object' [...] (index into :meth:`primitives`, -1 on a miss).
         """
-        shape = origins.shape[:-1]
-        o = np.asarray(origins, np.float64).reshape(-1, 3)
-        d = np.asarray(directions, np.float64).reshape(-1, 3)
-        o = np.broadcast_to(o, d.shape) if len(o) == 1 else o
+        o, d = np.broadcast_arrays(
+            np.asarray(origins, np.float64), np.asarray(directions, np.float64)
+        )
+        shape = o.shape[:-1]
+        o, d = o.reshape(-1, 3), d.reshape(-1, 3)
         d = d / np.linalg.norm(d, axis=-1, keepdims=True)
         prims = self.primitives()
         ts, ns = zip(*(p.intersect(o, d) for p in prims), strict=True)
