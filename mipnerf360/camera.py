@@ -76,13 +76,20 @@ def pixel_coordinates(width: int, height: int, xnp=np):
 # Rays
 
 
-def _matvec(A, b):
-    """A [..., 3, 3] times b [..., 3] by explicit products (no TF32/matmul surprises)."""
-    return (A * b[..., None, :]).sum(-1)
+def _matvec(A, b, xnp):
+    """A [..., 3, 3] times b [..., 3], written out elementwise.
+
+    Element-wise products avoid reductions over tiny axes (slow on CPU in torch) and
+    TF32 matmuls on GPUs (which would cost ray precision).
+    """
+    b0, b1, b2 = b[..., 0], b[..., 1], b[..., 2]
+    rows = [A[..., i, 0] * b0 + A[..., i, 1] * b1 + A[..., i, 2] * b2 for i in range(3)]
+    return xnp.stack(rows, -1)
 
 
 def _norm(x, xnp):
-    return xnp.sqrt((x * x).sum(-1))
+    x0, x1, x2 = x[..., 0], x[..., 1], x[..., 2]
+    return xnp.sqrt(x0 * x0 + x1 * x1 + x2 * x2)
 
 
 def _distortion_dict(distortion_params, xnp):
@@ -192,7 +199,7 @@ def pixels_to_rays(
         ],
         0,
     )
-    cam_dirs = _matvec(pixtocams, pixel_dirs)
+    cam_dirs = _matvec(pixtocams, pixel_dirs, xnp)
 
     coeffs = _distortion_dict(distortion_params, xnp)
     if coeffs is not None:
@@ -202,7 +209,7 @@ def pixels_to_rays(
         cam_dirs = xnp.stack([x, y, xnp.ones_like(x)], -1)
 
     if ProjectionType(camtype) == ProjectionType.FISHEYE:
-        theta = xnp.sqrt((cam_dirs[..., :2] ** 2).sum(-1))
+        theta = xnp.sqrt(cam_dirs[..., 0] ** 2 + cam_dirs[..., 1] ** 2)
         theta = xnp.clamp(theta, max=np.pi) if xnp is not np else np.minimum(np.pi, theta)
         safe = xnp.where(theta > 0, theta, xnp.ones_like(theta))
         s = xnp.where(theta > 0, xnp.sin(theta) / safe, xnp.ones_like(theta))
@@ -212,7 +219,7 @@ def pixels_to_rays(
     cam_dirs = xnp.stack([cam_dirs[..., 0], -cam_dirs[..., 1], -cam_dirs[..., 2]], -1)
     imageplane = cam_dirs[0, ..., :2]
 
-    directions, dx, dy = _matvec(camtoworlds[..., :3, :3], cam_dirs)
+    directions, dx, dy = _matvec(camtoworlds[..., :3, :3], cam_dirs, xnp)
     origins = camtoworlds[..., :3, -1]
     if xnp is np:
         origins = np.broadcast_to(origins, directions.shape)
