@@ -310,9 +310,8 @@ def _resolve_image_paths(scene_dir: Path, names: list[str], factor: int, listed_
     """
     full_dir = scene_dir / "images"
     if full_dir.is_dir():
-        present = set(os.listdir(full_dir))
         for n in names:
-            if n not in present:
+            if not (full_dir / n).is_file():
                 raise DatasetError(
                     f"{full_dir / n}: image listed in {listed_in} is missing from {full_dir}"
                 )
@@ -329,9 +328,8 @@ def _resolve_image_paths(scene_dir: Path, names: list[str], factor: int, listed_
             )
         mapping = dict(zip(full_files, small_files, strict=True))
         return [image_dir / mapping[n] for n in names]
-    present = set(os.listdir(image_dir))
     for n in names:
-        if n not in present:
+        if not (image_dir / n).is_file():
             raise DatasetError(f"{image_dir / n}: image listed in {listed_in} is missing")
     return [image_dir / n for n in names]
 

@@ -353,3 +353,37 @@ def test_missing_scene_and_bad_type(tmp_path):
         datasets.load_scene(tmp_path, DataConfig(dataset_type="colmap"))
     with pytest.raises(datasets.DatasetError, match="dataset_type"):
         datasets.load_scene(tmp_path, DataConfig(dataset_type="nerfstudio"))
+
+
+# ---------------------------------------------------------------------------
+# images_{f} cache
+
+
+def test_downsample_cache_atomic(tmp_path, monkeypatch):
+    d = dict(np.load(GOLDEN / "llff_loader_360.npz"))
+    scene = _write_golden_scene(d, tmp_path, with_small=False)
+    calls = {"n": 0}
+    real = datasets.downsample_image
+
+    def flaky(u8, factor):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt  # interrupted half way
+        return real(u8, factor)
+
+    monkeypatch.setattr(datasets, "downsample_image", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        datasets.ensure_downsampled(scene, 4)
+    assert sorted(p.name for p in scene.iterdir()) == ["images", "sparse"]  # no half folder
+    monkeypatch.setattr(datasets, "downsample_image", real)
+    # two concurrent builders: both succeed, one complete folder results
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        outs = list(pool.map(lambda _: datasets.ensure_downsampled(scene, 4), range(2)))
+    assert outs[0] == outs[1] == scene / "images_4"
+    assert sorted(p.name for p in scene.iterdir()) == ["images", "images_4", "sparse"]
+    assert len(list(outs[0].iterdir())) == 17
+    # non-divisible sizes use PIL's box filter with rounded sizes
+    odd = datasets.downsample_image(np.full((10, 7, 3), 200, np.uint8), 4)
+    assert odd.shape == (3, 2, 3) and (odd == 200).all()
