@@ -134,14 +134,22 @@ def _downsampled_size(width: int, height: int, factor: int) -> tuple[int, int]:
 
 
 def downsample_image(u8: np.ndarray, factor: int) -> np.ndarray:
-    """Area-filter uint8 [H,W,C] by ``factor``: exact mean-pool when divisible, else PIL box."""
+    """Area-filter uint8 [H,W,C] by ``factor``.
+
+    Divisible sizes: the exact mean of each ``factor x factor`` block, rounded half up
+    (PIL ``Image.reduce``); otherwise PIL's box resize to the rounded size.
+    """
     h, w = u8.shape[:2]
-    if h % factor == 0 and w % factor == 0:
-        blocks = u8.reshape(h // factor, factor, w // factor, factor, -1).astype(np.float64)
-        return np.clip(np.round(blocks.mean(axis=(1, 3))), 0, 255).astype(np.uint8)
     nw, nh = _downsampled_size(w, h, factor)
-    mode = "RGBA" if u8.shape[-1] == 4 else "RGB"
-    return np.asarray(PILImage.fromarray(u8, mode).resize((nw, nh), PILImage.Resampling.BOX))
+    out = []
+    # One 'L' image per channel: PIL would weight RGBA colours by alpha.
+    for c in range(u8.shape[-1]):
+        im = PILImage.fromarray(np.ascontiguousarray(u8[..., c]), "L")
+        if h % factor == 0 and w % factor == 0:
+            out.append(np.asarray(im.reduce(factor)))
+        else:
+            out.append(np.asarray(im.resize((nw, nh), PILImage.Resampling.BOX)))
+    return np.stack(out, -1)
 
 
 def ensure_downsampled(scene_dir: Path, factor: int) -> Path:

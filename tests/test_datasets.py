@@ -387,3 +387,11 @@ def test_downsample_cache_atomic(tmp_path, monkeypatch):
     # non-divisible sizes use PIL's box filter with rounded sizes
     odd = datasets.downsample_image(np.full((10, 7, 3), 200, np.uint8), 4)
     assert odd.shape == (3, 2, 3) and (odd == 200).all()
+
+
+def test_downsample_is_block_mean():
+    rng = np.random.default_rng(5)
+    for c in (3, 4):
+        u8 = rng.integers(0, 256, size=(24, 32, c), dtype=np.uint8)
+        mean = u8.reshape(6, 4, 8, 4, c).astype(np.float64).mean(axis=(1, 3))
+        np.testing.assert_array_equal(datasets.downsample_image(u8, 4), np.floor(mean + 0.5))
