@@ -38,6 +38,7 @@ from mipnerf360.train import (
 )
 
 DEPTH_KEY = "distance_median"
+LPIPS_MIN_SIZE = 32  # AlexNet's two max-pools before relu5 need >= 31 pixels per side
 
 
 # ----------------------------------------------------------------------------- images
@@ -141,7 +142,7 @@ def render_views(
     t_all = time.perf_counter()
     for idx in indices:
         name = os.path.splitext(os.path.basename(str(scene.names[idx])))[0]
-        rays = {k: v.to(dev) for k, v in datasets.image_rays(scene, idx).items()}
+        rays = datasets.image_rays(scene, idx)  # render_image moves chunks to the device
         t0 = time.perf_counter()
         with torch.no_grad():
             out = model_lib.render_image(model, rays, cfg.eval.chunk_size, train_frac=train_frac)
@@ -230,6 +231,12 @@ def evaluate_renders(
         if pred.shape != gt.shape:
             raise ValueError(
                 f"{render_dir}: {name}: render {pred.shape} vs ground truth {gt.shape}"
+            )
+        if nets and min(gt.shape[:2]) < LPIPS_MIN_SIZE:
+            raise ValueError(
+                f"{render_dir}: {name} is {gt.shape[1]}x{gt.shape[0]} pixels; LPIPS (AlexNet / "
+                f"VGG features) needs at least {LPIPS_MIN_SIZE}x{LPIPS_MIN_SIZE}: switch it off "
+                "with --no-lpips or eval.lpips=false"
             )
         m = metrics.compute_metrics(
             pred,

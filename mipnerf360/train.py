@@ -48,15 +48,28 @@ SIGNAL_EXIT = {signal.SIGTERM: 143, signal.SIGINT: 130}
 # ----------------------------------------------------------------------------- atomic files
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder."""
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def make_temp(path: str | os.PathLike) -> str:
+    """A new empty temporary file beside ``path`` (same suffix), with normal permissions."""
     path = os.fspath(path)
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
-    suffix = os.path.splitext(path)[1]
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files
+    return tmp
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder."""
+    tmp = make_temp(path)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
     except BaseException:
@@ -224,18 +237,11 @@ def _build(cfg: configs.Config, device: torch.device):
     return model, optimizer
 
 
-def _step_fn(model, optimizer, cfg: configs.Config, device: torch.device):
-    """The per-step function, compiled where asked (train.compile) and available."""
+def _step_fn(model, optimizer, cfg: configs.Config):
+    """The per-step function; train_utils compiles the MLPs per train.compile ('auto': CUDA)."""
     from mipnerf360 import train_utils
 
-    use = cfg.train.compile == "on" or (cfg.train.compile == "auto" and device.type == "cuda")
-    if use and hasattr(train_utils, "make_train_step"):
-        return train_utils.make_train_step(model, optimizer, cfg)
-
-    def step_fn(batch, step, generator):
-        return train_utils.train_step(model, optimizer, batch, step, cfg, generator)
-
-    return step_fn
+    return train_utils.make_train_step(model, optimizer, cfg)
 
 
 def train(
@@ -306,7 +312,7 @@ def train(
         for _, old in list_checkpoints(ckpt_dir)[:-KEEP_CHECKPOINTS]:
             os.unlink(old)
 
-    step_fn = _step_fn(model, optimizer, cfg, dev)
+    step_fn = _step_fn(model, optimizer, cfg)
     amp = (
         torch.autocast("cuda", dtype=torch.bfloat16)
         if dev.type == "cuda" and t.mixed_precision
@@ -456,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     if args.resume and os.path.exists(os.path.join(args.out_dir, "model.pt")):
         print(f"{args.out_dir}/model.pt exists: training already finished", file=sys.stderr)
         return 0

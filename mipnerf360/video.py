@@ -11,14 +11,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 
 import numpy as np
 import torch
 
 from mipnerf360.evaluate import DEPTH_KEY, _numpy, colorize_depth, to_uint8
-from mipnerf360.train import load_trained, resolve_device
+from mipnerf360.train import load_trained, make_temp, resolve_device
 
 
 def scaled_pixtocam(pixtocam: np.ndarray, scale: float) -> np.ndarray:
@@ -64,8 +63,7 @@ def render_path_frames(
     train_frac = float(saved.get("train_frac", 1.0))
     for i, c2w in enumerate(poses):
         t0 = time.perf_counter()
-        rays = datasets.pose_rays(scene, c2w, pixtocam, w, h)
-        rays = {k: v.to(dev) for k, v in rays.items()}
+        rays = datasets.pose_rays(scene, c2w, pixtocam, w, h)  # chunks move to the device
         with torch.no_grad():
             out = model_lib.render_image(model, rays, cfg.eval.chunk_size, train_frac=train_frac)
         rgb = np.clip(_numpy(out["rgb"]), 0, 1)
@@ -78,10 +76,7 @@ def write_video(frames, path: str, fps: float = 30.0) -> int:
     """Write uint8 frames to an mp4 (H.264) atomically; returns the number of frames."""
     import imageio.v2 as imageio
 
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".mp4")
-    os.close(fd)
+    tmp = make_temp(os.path.abspath(path))
     n = 0
     try:
         writer = imageio.get_writer(
