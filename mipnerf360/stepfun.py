@@ -164,31 +164,30 @@ def sample_intervals(
 def _range_max(p: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     """max(p[..., lo:hi+1]) per query via a sparse table (O(N log N) build, O(1) query).
 
-    p [..., N]; lo, hi int64 [..., M]. Empty ranges (lo > hi) give 0.
+    p [..., N]; lo, hi int64 [..., M]. Empty ranges (lo > hi) give 0; results are >= 0.
+    Table level k holds the max over windows of length 2^k; a query of length L reads the two
+    (overlapping) windows of level floor(log2 L) starting at lo and at hi - 2^k + 1.
     """
     n = p.shape[-1]
     levels = [p]
     width = 1
-    while 2 * width <= n:
+    while 2 * width <= n:  # log2(N) levels, not a loop over bins
         prev = levels[-1]
         nxt = torch.maximum(prev[..., : n - 2 * width + 1], prev[..., width : n - width + 1])
-        levels.append(nxt)
+        levels.append(torch.nn.functional.pad(nxt, (0, n - nxt.shape[-1])))
         width *= 2
+    table = torch.cat(levels, dim=-1)  # [..., num_levels * N]
     length = torch.clamp(hi - lo + 1, min=1)
-    k = torch.floor(torch.log2(length.to(torch.float64))).long()
-    k = torch.clamp(k, max=len(levels) - 1)
-    # guard against log2 rounding: make sure 2^k <= length < 2^(k+1)
-    k = torch.where((1 << k) > length, k - 1, k)
-    k = torch.where((1 << (k + 1)) <= length, torch.clamp(k + 1, max=len(levels) - 1), k)
-    lo_c = torch.clamp(lo, 0, n - 1)
-    out = torch.zeros(lo.shape, dtype=p.dtype, device=p.device)
-    for level, table in enumerate(levels):  # loop over log2(N) table levels, not over bins
-        sel = k == level
-        size = table.shape[-1]
-        a = torch.gather(table, -1, torch.clamp(lo_c, max=size - 1))
-        b = torch.gather(table, -1, torch.clamp(hi - (1 << level) + 1, 0, size - 1))
-        out = torch.where(sel, torch.maximum(a, b), out)
-    return torch.where(hi >= lo, torch.clamp(out, min=0), torch.zeros_like(out))
+    k = torch.floor(torch.log2(length.to(torch.float32))).long()
+    k = k - ((1 << k) > length).long()  # guard against log2 rounding
+    k = k + ((1 << (k + 1)) <= length).long()
+    k = torch.clamp(k, 0, len(levels) - 1)
+    start_a = torch.clamp(lo, 0, n - 1)
+    start_b = torch.clamp(hi - (1 << k) + 1, 0, n - 1)
+    a = torch.gather(table, -1, k * n + start_a)
+    b = torch.gather(table, -1, k * n + start_b)
+    out = torch.clamp(torch.maximum(a, b), min=0)
+    return torch.where(hi >= lo, out, torch.zeros_like(out))
 
 
 def max_dilate(
