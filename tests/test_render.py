@@ -190,3 +190,34 @@ def test_render_gradients_flow():
     (out["rgb"].sum() + out["distance_mean"].sum()).backward()
     assert torch.isfinite(rgbs.grad).all() and torch.isfinite(density.grad).all()
     assert density.grad.abs().sum() > 0
+
+
+def test_golden_inputs_in_float64():
+    """Same golden cases in float64 (dtype-generic code); tolerance covers float32 rounding."""
+    f64 = torch.float64
+
+    def c64(actual, expected):
+        assert actual.dtype == f64
+        close(actual, expected, rtol=1e-4, atol=1e-5)
+
+    g = load("render_cast_rays_cone")
+    args = [t(g[k]).to(f64) for k in ("in_tdist", "in_origins", "in_directions", "in_radii")]
+    means, covs = render.cast_rays(*args, ray_shape="cone", diag=False)
+    c64(means, g["out_means"])
+    c64(covs, g["out_covs_full"])
+    g = load("render_compute_alpha_weights")
+    w, a, tr = render.compute_alpha_weights(
+        *(t(g[k]).to(f64) for k in ("in_density", "in_tdist", "in_dirs")), True
+    )
+    c64(w, g["out_weights_opaque"])
+    g = load("render_volumetric_rendering")
+    out = render.volumetric_rendering(
+        t(g["in_rgbs"]).to(f64),
+        t(g["in_weights"]).to(f64),
+        t(g["in_tdist"]).to(f64),
+        1.0,
+        t(g["in_t_far"]).to(f64),
+        compute_extras=True,
+    )
+    for key in ("rgb", "acc", "distance_mean", "distance_median", "distance_percentile_95"):
+        c64(out[key], g[f"out_{key}"])

@@ -247,3 +247,36 @@ def test_searchsorted_matches_bruteforce():
     lo_ref = torch.where(ge, i, torch.zeros_like(i)).amax(-2)
     hi_ref = torch.where(~ge, i, torch.full_like(i, 8)).amin(-2)
     assert torch.equal(lo, lo_ref) and torch.equal(hi, hi_ref)
+
+
+def test_golden_inputs_in_float64():
+    """Same golden cases in float64 (dtype-generic code); tolerance covers float32 rounding."""
+    f64 = torch.float64
+
+    def c64(actual, expected, atol=1e-5):
+        assert actual.dtype == f64
+        close(actual, expected, rtol=1e-4, atol=atol)
+
+    def t64(a):
+        return t(a).to(f64)
+
+    g = load("stepfun_sample")
+    n = int(g["in_num_samples"])
+    c64(
+        stepfun.sample_intervals(None, t64(g["in_t"]), t64(g["in_w_logits"]), n, domain=(0, 1)),
+        g["out_intervals"],
+    )
+    g = load("stepfun_lossfun_distortion")
+    c64(stepfun.lossfun_distortion(t64(g["in_t"]), t64(g["in_w"])), g["out_loss"])
+    g = load("stepfun_lossfun_outer")
+    args = (t64(g[k]) for k in ("in_t", "in_w", "in_t_env", "in_w_env"))
+    c64(stepfun.lossfun_outer(*args), g["out_loss"])
+    g = load("stepfun_resample")
+    c64(stepfun.resample(t64(g["in_t"]), t64(g["in_tp"]), t64(g["in_vp"])), g["out_sum"])
+    g = load("stepfun_max_dilate_weights")
+    for level in ("level1", "level2"):
+        td, wd = stepfun.max_dilate_weights(
+            t64(g["in_t"]), t64(g["in_w"]), float(g[f"in_dilation_{level}"]), (0, 1), True
+        )
+        c64(td, g[f"out_t_dilate_{level}"])
+        c64(wd, g[f"out_w_dilate_{level}"])
