@@ -116,7 +116,8 @@ def sample(
 
     generator None -> deterministic evenly spaced u (centred if deterministic_center);
     otherwise stratified u jittered with torch.rand(generator=generator), one jitter per ray
-    if single_jitter. t [..., N+1], w_logits [..., N] -> [..., num_samples].
+    if single_jitter (the generator must live on t's device). t [..., N+1], w_logits [..., N]
+    -> [..., num_samples].
     """
     n = int(num_samples)
     batch = torch.broadcast_shapes(t.shape[:-1], w_logits.shape[:-1])
