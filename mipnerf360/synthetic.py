@@ -455,7 +455,9 @@ def _colmap_points(scene, c2w, intr, width, height, distances, rng, per_view=48)
     dist_map = distances[np.arange(n)[:, None], vj, ui]  # [N, M]
     dist = np.linalg.norm(rel, axis=-1)
     visible = inside & (np.abs(dist - dist_map) < 0.02 * dist + 0.02)
-    return xyz, rgb, visible, np.stack([u, v], -1), z
+    seen = visible.any(0)  # drop points no camera sees at a pixel centre's depth
+    uv = np.stack([u, v], -1)
+    return xyz[seen], rgb[seen], visible[:, seen], uv[:, seen], z[:, seen]
 
 
 def _write_colmap(out: Path, names, c2w, intr, width, height, xyz, rgb, visible, uv, shared):
@@ -467,16 +469,21 @@ def _write_colmap(out: Path, names, c2w, intr, width, height, xyz, rgb, visible,
         cameras[1] = colmap.Camera(1, "PINHOLE", width, height, np.array([fx, fy, cx, cy]))
     # COLMAP numbers images in its own order; use a fixed permutation of the names
     order = np.argsort([hash_name(nm) for nm in names], kind="stable")
-    point_obs = [[] for _ in range(len(xyz))]
-    for image_id, i in enumerate(order, start=1):
+    image_ids = np.empty(len(names), np.int64)
+    image_ids[order] = np.arange(1, len(names) + 1)
+    # observations: (view i, point p) pairs, keypoint index k = rank of p within view i
+    obs_i, obs_p = np.nonzero(visible)  # row-major: grouped by view, points ascending
+    counts = visible.sum(1)
+    obs_k = np.arange(len(obs_i)) - np.repeat(np.cumsum(counts) - counts, counts)
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    for i in order:  # one record per image
+        image_id = int(image_ids[i])
         cam_id = 1 if shared else image_id
         if not shared:
             cameras[cam_id] = colmap.Camera(cam_id, "PINHOLE", width, height, intr[i].copy())
         w2c_r = c2w[i, :, :3].T
         w2c_t = -w2c_r @ c2w[i, :, 3]
-        pts = np.nonzero(visible[i])[0]
-        for k, p in enumerate(pts):
-            point_obs[p].append((image_id, k))
+        pts = obs_p[starts[i] : starts[i + 1]]
         images[image_id] = colmap.Image(
             image_id,
             colmap.rotmat2qvec(w2c_r),
@@ -486,9 +493,12 @@ def _write_colmap(out: Path, names, c2w, intr, width, height, xyz, rgb, visible,
             uv[i, pts],
             pts.astype(np.int64) + 1,
         )
-    for p in range(len(xyz)):
-        obs = np.array(point_obs[p], dtype=np.int64).reshape(-1, 2)
-        points[p + 1] = colmap.Point3D(p + 1, xyz[p], rgb[p], 0.5, obs[:, 0], obs[:, 1])
+    by_point = np.argsort(obs_p, kind="stable")
+    track_ends = np.cumsum(np.bincount(obs_p, minlength=len(xyz)))
+    track_img = np.split(image_ids[obs_i[by_point]], track_ends[:-1])
+    track_k = np.split(obs_k[by_point], track_ends[:-1])
+    for p in range(len(xyz)):  # one record per point
+        points[p + 1] = colmap.Point3D(p + 1, xyz[p], rgb[p], 0.5, track_img[p], track_k[p])
     colmap.write_model(cameras, images, points, out / "sparse" / "0", ext=".bin")
 
 
@@ -507,11 +517,11 @@ def poses_bounds(c2w: np.ndarray, intr: np.ndarray, height: int, width: int, vis
     rot = np.stack([c2w[:, :, 1], c2w[:, :, 0], -c2w[:, :, 2]], -1)  # OpenCV r,d,f -> d,r,b
     hwf = np.stack([np.full(len(c2w), height), np.full(len(c2w), width), intr[:, 0]], -1)
     mats = np.concatenate([rot, c2w[:, :, 3:], hwf[:, :, None]], -1)  # [N, 3, 5]
-    bounds = []
-    for i in range(len(c2w)):  # one percentile pair per camera
-        zs = z[i, visible[i]]
-        bounds.append([np.percentile(zs, 0.1), np.percentile(zs, 99.9)])
-    return np.concatenate([mats.reshape(-1, 15), np.array(bounds)], -1)
+    zs = np.where(visible, z, np.nan)
+    if np.any(np.all(np.isnan(zs), axis=1)):
+        raise RuntimeError("synthetic: a camera sees none of the sampled points")
+    bounds = np.stack([np.nanpercentile(zs, 0.1, axis=1), np.nanpercentile(zs, 99.9, axis=1)], -1)
+    return np.concatenate([mats.reshape(-1, 15), bounds], -1)
 
 
 def generate(

@@ -148,6 +148,9 @@ def test_poses_bounds_layout(scenes):
 def test_colmap_points_project_to_their_keypoints(scenes):
     cams, ims, pts = colmap.read_model(scenes["360"] / "sparse" / "0")
     assert len(pts) > 100
+    assert all(len(p.image_ids) > 0 for p in pts.values())
+    n_obs = sum(len(im.point3D_ids) for im in ims.values())
+    assert n_obs == sum(len(p.image_ids) for p in pts.values())
     checked = 0
     for im in list(ims.values())[:4]:
         cam = cams[im.camera_id]
