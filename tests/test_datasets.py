@@ -395,3 +395,47 @@ def test_downsample_is_block_mean():
         u8 = rng.integers(0, 256, size=(24, 32, c), dtype=np.uint8)
         mean = u8.reshape(6, 4, 8, 4, c).astype(np.float64).mean(axis=(1, 3))
         np.testing.assert_array_equal(datasets.downsample_image(u8, 4), np.floor(mean + 0.5))
+
+
+def test_text_model_and_per_image_cameras(tmp_path):
+    """A text COLMAP model with mixed camera models loads with each image's own camera."""
+    d = dict(np.load(GOLDEN / "llff_loader_360.npz"))
+    scene = _write_golden_scene(d, tmp_path)
+    cams, ims, pts = colmap.read_model(scene / "sparse" / "0")
+    ref = datasets.load_scene(scene, _golden_cfg(d, False))
+    cams[2] = colmap.Camera(2, "PINHOLE", 64, 48, np.array([80.0, 81.0, 31.0, 23.0]))
+    cams[3] = colmap.Camera(3, "SIMPLE_RADIAL", 64, 48, np.array([60.0, 33.0, 25.0, 0.03]))
+    for k, im in ims.items():
+        im.camera_id = 1 + k % 3
+    for p in (scene / "sparse" / "0").iterdir():
+        p.unlink()
+    colmap.write_model(cams, ims, pts, scene / "sparse" / "0", ext=".txt")
+    s = datasets.load_scene(scene, _golden_cfg(d, False))
+    np.testing.assert_allclose(s.camtoworlds, ref.camtoworlds, rtol=0, atol=1e-12)
+    by_name = {im.name: cams[im.camera_id] for im in ims.values()}
+    for i, name in enumerate(s.names):
+        cam = by_name[name]
+        K, dist, _ = datasets._colmap_intrinsics(cam, Path("x"))
+        np.testing.assert_array_equal(
+            s.pixtocams[i], (np.linalg.inv(K) @ np.diag([4.0, 4.0, 1.0])).astype(np.float32)
+        )
+        expect = np.zeros(6) if dist is None else dist
+        np.testing.assert_array_equal(s.distortion[i], expect)
+        rays = datasets.image_rays_np(s, i)
+        x, y = camera.pixel_coordinates(16, 12)
+        coeffs = dict(zip(camera.DISTORTION_KEYS, expect, strict=True))
+        o, dd, v, r, _ = camera.pixels_to_rays(
+            x, y, s.pixtocams[i].astype(np.float64), s.camtoworlds[i], coeffs
+        )
+        np.testing.assert_allclose(rays["directions"], dd, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(rays["radii"], r, rtol=0, atol=1e-12)
+
+
+def test_blender_factor(tmp_path):
+    _write_blender(tmp_path / "lego")
+    full = datasets.load_scene(tmp_path / "lego", DataConfig(dataset_type="blender"))
+    half = datasets.load_scene(tmp_path / "lego", DataConfig(dataset_type="blender", factor=2))
+    assert half.images.shape == (5, 4, 4, 3)
+    pooled = full.images.astype(np.float64).reshape(5, 4, 2, 4, 2, 3).mean(axis=(2, 4))
+    np.testing.assert_allclose(half.images, pooled, atol=1e-6)
+    np.testing.assert_allclose(half.focals, full.focals / 2, rtol=1e-6)
