@@ -439,3 +439,15 @@ def test_blender_factor(tmp_path):
     pooled = full.images.astype(np.float64).reshape(5, 4, 2, 4, 2, 3).mean(axis=(2, 4))
     np.testing.assert_allclose(half.images, pooled, atol=1e-6)
     np.testing.assert_allclose(half.focals, full.focals / 2, rtol=1e-6)
+
+
+def test_corrupt_image_and_count_mismatch(tmp_path):
+    d = dict(np.load(GOLDEN / "llff_loader_360.npz"))
+    scene = _write_golden_scene(d, tmp_path)
+    victim = scene / "images_4" / str(d["in_sorted_names"][2])
+    victim.write_bytes(b"not a png")
+    with pytest.raises(datasets.DatasetError, match=f"{victim.name}.*cannot read image"):
+        datasets.load_scene(scene, _golden_cfg(d, False))
+    victim.unlink()
+    with pytest.raises(datasets.DatasetError, match=r"images_4.*16 images.*17"):
+        datasets.load_scene(scene, _golden_cfg(d, False))
