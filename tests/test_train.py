@@ -54,6 +54,7 @@ def _assert_same_state(a, b):
         assert torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.slow  # three short runs, ~15 s on a shared 2-core CPU
 def test_outputs_and_resume_equals_straight_run(scene_dir, tmp_path, capsys):
     opts = ["train.max_steps=8", "train.checkpoint_every=4", "train.log_every=1"]
     a, b = tmp_path / "a", tmp_path / "b"
@@ -110,6 +111,7 @@ def test_seeded_runs_are_deterministic(scene_dir, tmp_path):
     assert not all(torch.equal(pa[k], pc[k]) for k in pa)
 
 
+@pytest.mark.slow  # a subprocess that imports torch, ~15 s
 def test_sigterm_writes_checkpoint_and_exits_nonzero(scene_dir, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "mipnerf360", "train", scene_dir, str(out), "--preset", "cpu"]
