@@ -280,9 +280,10 @@ def make_scene(kind: str, seed: int = 0) -> Scene:
         for obj in objects:
             obj.center = obj.center - np.array([0.0, 0.0, 0.5])
         return Scene(kind, objects)
-    floor_tex = _texture(rng, 0.35, 0.6, 1.5, 3.0)
+    floor_tex = _texture(rng, 0.35, 0.6, 1.0, 2.0)
     floor_tex.freq[2] = 0.0  # a function of (x, y) only
-    floor = Plane(np.array([0.0, 0.0, 1.0]), 0.0, floor_tex)
+    # the texture fades out with distance, so the far floor is not aliased stripes
+    floor = Plane(np.array([0.0, 0.0, 1.0]), 0.0, floor_tex, fade=3.0)
     if kind == "360":
         env = Environment(
             radius=12.0,
