@@ -11,12 +11,17 @@ repository.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -86,7 +91,7 @@ def submitted_jobs(log: str) -> dict[str, list[str]]:
 
 def show_job(jobid: str) -> dict[str, str]:
     """``scontrol show job`` as a dict (finished jobs stay visible for MinJobAge=600 s)."""
-    res = sh(["scontrol", "show", "job", "-o", jobid])
+    res = sh(["scontrol", "show", "job", "-d", "-o", jobid])
     assert res.returncode == 0, res.stderr
     fields = {}
     for tok in res.stdout.split():
@@ -168,8 +173,8 @@ def test_jobs_run_under_slurm_and_gpu_job_gets_a_gpu(slurm_cluster, tmp_path):
 
     gpu_job, cpu_job = show_job(gpu_id), show_job(cpu_id[0])
     assert gpu_job["JobState"] == "COMPLETED" and cpu_job["JobState"] == "COMPLETED"
-    assert "gpu:1" in gpu_job.get("TresPerJob", "") + gpu_job.get("TresPerNode", "")
-    assert "gpu" not in cpu_job.get("TresPerJob", "") + cpu_job.get("TresPerNode", "")
+    assert gpu_job.get("TresPerJob") == "gres:gpu:1" and gpu_job.get("JOB_GRES") == "gpu:1"
+    assert "gpu" not in cpu_job.get("TresPerJob", "") + cpu_job.get("JOB_GRES", "")
 
 
 @pytest.mark.slurm
@@ -182,3 +187,145 @@ def test_two_gpus_on_a_one_gpu_cluster_fail_clearly(slurm_cluster, tmp_path):
     assert "Requested node configuration is not available" in log
     assert "--gpus=2" in log
     assert not (tmp_path / "r" / "gpu2.txt").exists()
+
+
+# --------------------------------------------------------------------------------- benchmark
+
+TINY = REPO / "tests" / "data" / "slurm_config.yaml"
+DATASET, SCENE = "synthetic_360", "procedural"
+TRAIN_DIR = Path("results/train") / DATASET / SCENE
+# columns of results/tables/*.csv that measure the machine, not the result
+TIMING = {"train_time_min", "rays_per_s", "peak_memory_mb"}
+
+
+def workflow_copy(dst: Path) -> Path:
+    """A private copy of the workflow (Snakefile, rules, configs) with the tiny config."""
+    for name in ("workflow", "config", "envs"):
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, dst / name)
+    shutil.copy(TINY, dst / "tiny.yaml")
+    return dst
+
+
+def outcome(workdir: Path) -> dict:
+    """The deterministic results of a benchmark run: tables, metrics, training summary."""
+    out = {}
+    for csv in sorted((workdir / "results" / "tables").glob("*.csv")):
+        df = pd.read_csv(csv)
+        out[csv.name] = df[[c for c in df.columns if c not in TIMING]].to_dict("list")
+    ev = workdir / "results" / "evaluate" / DATASET / SCENE / "metrics.json"
+    metrics = json.loads(ev.read_text())
+    out["metrics"] = {k: metrics[k] for k in ("psnr", "ssim", "num_images")}
+    out["images"] = [(i["name"], i["psnr"], i["ssim"]) for i in metrics["images"]]
+    summary = json.loads((workdir / TRAIN_DIR / "summary.json").read_text())
+    out["summary"] = {k: summary[k] for k in ("steps", "final_loss", "final_train_psnr")}
+    return out
+
+
+def assert_same(a, b, path="", tol=1e-6):
+    """Equal structures; floats within tol (NaN == NaN)."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and sorted(a) == sorted(b), f"{path}: {a} != {b}"
+        for k in a:
+            assert_same(a[k], b[k], f"{path}.{k}", tol)
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{path}: {a} != {b}"
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{path}[{i}]", tol)
+    elif isinstance(a, float) or isinstance(b, float):
+        if math.isnan(a) or math.isnan(b):
+            assert math.isnan(a) and math.isnan(b), f"{path}: {a} != {b}"
+        else:
+            assert abs(a - b) <= tol, f"{path}: {a} != {b}"
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory):
+    """The tiny benchmark with Snakemake's local executor: the reference results."""
+    wd = workflow_copy(tmp_path_factory.mktemp("local"))
+    cmd = [sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", "tiny.yaml"]
+    res = sh(cmd, cwd=wd, timeout=600)
+    log = res.stdout + res.stderr
+    assert res.returncode == 0, log
+    assert not submitted_jobs(log)
+    return outcome(wd)
+
+
+@pytest.mark.slurm
+def test_benchmark_through_slurm_matches_local_run(slurm_cluster, local_run, tmp_path):
+    wd = workflow_copy(tmp_path)
+    res = snakemake(wd, "--configfile", "tiny.yaml")
+    log = res.stdout + res.stderr
+    assert res.returncode == 0, log
+
+    # every heavy step ran as its own SLURM job, on this workflow copy, and completed
+    jobs = submitted_jobs(log)
+    assert sorted(jobs) == ["evaluate", "render", "train"], log
+    for rule, ids in jobs.items():
+        assert len(ids) == 1, (rule, ids)
+        job = show_job(ids[0])
+        assert job["JobState"] == "COMPLETED", (rule, job)
+        assert job["Comment"].startswith(f"rule_{rule}"), job["Comment"]
+        assert Path(job["WorkDir"]).resolve() == wd.resolve()
+    # the training job asked for the GPU and got it
+    train_job = show_job(jobs["train"][0])
+    assert train_job.get("TresPerJob") == "gres:gpu:1", train_job  # asked for
+    assert train_job.get("JOB_GRES") == "gpu:1", train_job  # allocated
+    # light rules stayed on the submit host
+    for rule in ("generate", "prepare", "tables"):
+        assert f"localrule {rule}:" in log, rule
+
+    assert_same(outcome(wd), local_run)
+
+
+@pytest.mark.slurm
+def test_training_killed_with_sigterm_resumes_to_the_same_result(
+    slurm_cluster, local_run, tmp_path
+):
+    wd = workflow_copy(tmp_path)
+    logfile = wd / "snakemake.log"
+    cmd = [
+        sys.executable, "-m", "snakemake", "--profile", str(PROFILE), *FAST,
+        "--configfile", "tiny.yaml",
+    ]  # fmt: skip
+    with open(logfile, "w") as fh:
+        proc = subprocess.Popen(cmd, cwd=wd, env=slurm_env(), stdout=fh, stderr=subprocess.STDOUT)
+    try:
+        # wait for the training job to run and write its first checkpoint
+        ckpts = wd / TRAIN_DIR / "checkpoints"
+        deadline = time.monotonic() + 240
+        first = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            first = first or submitted_jobs(logfile.read_text()).get("train", [None])[0]
+            if first and ckpts.is_dir() and any(ckpts.glob("ckpt_*.pt")):
+                break
+            time.sleep(0.2)
+        assert first and any(ckpts.glob("ckpt_*.pt")), logfile.read_text()
+        assert not (wd / TRAIN_DIR / "model.pt").exists()
+        # what SLURM does at a time limit or preemption: SIGTERM to the job's processes
+        kill = sh(["scancel", "--signal=TERM", first])
+        assert kill.returncode == 0, kill.stderr
+        rc = proc.wait(timeout=400)
+    finally:
+        if proc.poll() is None:  # stop snakemake (it cancels its SLURM jobs) by PID
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    log = logfile.read_text()
+    assert rc == 0, log
+
+    ids = submitted_jobs(log)["train"]
+    assert len(ids) == 2 and ids[0] == first, ids  # killed once, resubmitted once
+    assert show_job(ids[0])["JobState"] == "FAILED"
+    assert show_job(ids[1])["JobState"] == "COMPLETED"
+    train_log = (wd / "logs" / "train" / DATASET / f"{SCENE}.log").read_text()
+    m = re.search(r"resumed from \S+ at step (\d+)", train_log)
+    assert m, train_log[-2000:]
+    assert 0 < int(m.group(1)) < local_run["summary"]["steps"]
+
+    assert_same(outcome(wd), local_run)
