@@ -75,10 +75,12 @@ def run_bench(
         step_fn(batch, s, gen)
     _sync(dev)
     t_warm = time.perf_counter()
+    cpu_warm = time.process_time()
     for s in range(warmup + 1, warmup + steps + 1):
         stats = step_fn(batch, s, gen)
     _sync(dev)
     t_end = time.perf_counter()
+    cpu_s_per_step = (time.process_time() - cpu_warm) / steps
     sec_per_step = (t_end - t_warm) / steps
     return {
         "preset": preset,
@@ -91,6 +93,7 @@ def run_bench(
         "params": model_lib.num_params(model),
         "warmup_s": t_warm - t_start,
         "sec_per_step": sec_per_step,
+        "cpu_s_per_step": cpu_s_per_step,
         "rays_per_s": batch_size / sec_per_step,
         "loss": stats["loss"],
     }
@@ -104,6 +107,7 @@ def format_result(r: dict) -> str:
         f"bench preset={r['preset']} params={r['params']:,} device={dev} "
         f"batch={r['batch_size']} steps={r['steps']} warmup={r['warmup']} "
         f"compile={'on' if r['compile'] else 'off'} torch={torch.__version__}: "
+        f"{r['cpu_s_per_step']:.2f} process-CPU s/step, "
         f"{r['sec_per_step'] * 1000:.1f} ms/step, {r['rays_per_s']:.1f} rays/s"
     )
 

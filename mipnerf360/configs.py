@@ -169,13 +169,21 @@ def _preset_llff(width: int) -> Config:
 
 
 def _preset_cpu() -> Config:
-    """A small 360-style model for CPUs and the built-in benchmark."""
+    """A small 360-style model for CPUs and the built-in benchmark.
+
+    Same structure as '360' (3 levels, contraction, reciprocal s-space, opaque background)
+    with fewer samples, narrow MLPs and the 3-direction octahedron basis of the reference's
+    *_256 configs: the integrated positional encoding (element-wise sin/exp over
+    samples x directions x degrees) dominates small models on CPUs, and 3 directions instead
+    of 21 make a training step ~3x cheaper (0.93 -> 0.30 CPU s per 1024 rays, 1 thread).
+    """
     c = _preset_360()
     c.data.factor = 1
     m = c.model
     m.num_prop_samples, m.num_nerf_samples = 32, 16
+    basis = dict(basis_shape="octahedron", basis_subdivisions=1)
     m.prop_mlp = MLPConfig(
-        net_depth=2, net_width=64, warp_fn="contract", disable_rgb=True, max_deg_point=10
+        net_depth=2, net_width=64, warp_fn="contract", disable_rgb=True, max_deg_point=10, **basis
     )
     m.nerf_mlp = MLPConfig(
         net_depth=4,
@@ -184,6 +192,7 @@ def _preset_cpu() -> Config:
         net_width_viewdirs=64,
         warp_fn="contract",
         max_deg_point=10,
+        **basis,
     )
     t = c.train
     t.max_steps, t.batch_size, t.checkpoint_every, t.log_every = 5000, 1024, 1000, 50

@@ -116,15 +116,27 @@ class MLP(nn.Module):
             x = torch.relu(layer(x))
             if i % cfg.skip_layer == 0 and i > 0:
                 x = torch.cat([x, features], dim=-1)
-        raw_density = self.density_layer(x)[..., 0]
+        bottleneck = None
+        if self.bottleneck_layer is not None:
+            # Density head and bottleneck read the same x: one matmul for both (one GEMM
+            # instead of a 1-column one, and no gradient accumulation into x).
+            weight = torch.cat([self.density_layer.weight, self.bottleneck_layer.weight], 0)
+            bias = torch.cat([self.density_layer.bias, self.bottleneck_layer.bias], 0)
+            y = nn.functional.linear(x, weight, bias)
+            raw_density, bottleneck = y[..., 0], y[..., 1:]
+        else:
+            # A 1-column output: a broadcast multiply-sum beats a GEMM with N=1 (and its
+            # K=1 backward GEMM) on CPUs.
+            w = self.density_layer.weight[0]
+            raw_density = torch.sum(x * w, dim=-1) + self.density_layer.bias[0]
         density = nn.functional.softplus(raw_density + cfg.density_bias)
         if cfg.disable_rgb:
             rgb = torch.zeros_like(means)
         else:
             if self.use_viewdirs:
                 parts = []
-                if self.bottleneck_layer is not None:
-                    parts.append(self.bottleneck_layer(x))
+                if bottleneck is not None:
+                    parts.append(bottleneck)
                 dir_enc = coord.pos_enc(viewdirs, 0, cfg.deg_view, append_identity=True)
                 dir_enc = dir_enc[..., None, :].expand(*x.shape[:-1], dir_enc.shape[-1])
                 parts.append(dir_enc)

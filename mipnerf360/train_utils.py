@@ -132,11 +132,8 @@ def create_optimizer(model: torch.nn.Module, cfg: Config | TrainConfig) -> torch
     tcfg = cfg.train if isinstance(cfg, Config) else cfg
     params = [p for p in model.parameters() if p.requires_grad]
     dev = params[0].device
-    kwargs = {}
-    if dev.type == "cuda":
-        kwargs["fused"] = True
-    else:
-        kwargs["foreach"] = True
+    # The fused kernels (CPU and CUDA) do the same update as optax.adam in one pass.
+    kwargs = {"fused": True} if dev.type in ("cpu", "cuda") else {"foreach": True}
     return torch.optim.Adam(
         params,
         lr=tcfg.lr_init,
@@ -171,8 +168,10 @@ def clip_gradients(model: torch.nn.Module, tcfg: TrainConfig) -> dict[str, torch
                 torch.ones_like(clip_norm), tcfg.grad_max_norm / (EPS32 + clip_norm)
             )
             torch._foreach_mul_(grads, mult)
-        for g in grads:
-            torch.nan_to_num_(g)
+        # nan_to_num is a no-op when the (pre-clipping) norm is finite: skip the pass then.
+        if not bool(torch.isfinite(norms[flax_name])):
+            for g in grads:
+                torch.nan_to_num_(g)
     return norms
 
 
