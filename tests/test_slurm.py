@@ -59,19 +59,34 @@ def cluster_up() -> bool:
     return "UP" in ping.stdout and state in ("idle", "mixed", "allocated", "completing")
 
 
+DAEMONS = ("run/slurmd.pid", "run/slurmctld.pid", "munge/run.pid")
+
+
+def running(pid: int) -> bool:
+    """Exists and is not a zombie (PID 1 in a container may never reap the daemons)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster():
-    """A usable local SLURM cluster; stopped afterwards if this fixture started it."""
-    started = False
-    if not cluster_up():
-        res = sh(["bash", str(CI / "start.sh")], timeout=600)
+    """A usable local SLURM cluster; stopped afterwards (by PID) if this fixture started it."""
+    if cluster_up():
+        yield BASE
+        return
+    res = sh(["bash", str(CI / "start.sh")], timeout=600)
+    pids = [int((BASE / f).read_text()) for f in DAEMONS if (BASE / f).exists()]
+    try:
         assert res.returncode == 0, f"start.sh failed:\n{res.stdout}\n{res.stderr}"
-        started = True
-    assert cluster_up(), "the SLURM cluster is not usable after start.sh"
-    yield BASE
-    if started:
-        res = sh(["bash", str(CI / "stop.sh")], timeout=300)
-        assert res.returncode == 0, res.stderr
+        assert cluster_up(), "the SLURM cluster is not usable after start.sh"
+        yield BASE
+    finally:
+        stop = sh(["bash", str(CI / "stop.sh")], timeout=300)
+        assert stop.returncode == 0, stop.stderr
+        assert not [p for p in pids if running(p)], "stop.sh left SLURM daemons running"
 
 
 def snakemake(workdir: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
