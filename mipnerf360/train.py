@@ -457,6 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--manifest", default=None, help="prepare-step JSON; its split must match")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for torch (default: torch's)"
+    )
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     return p
 
@@ -466,6 +469,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume and os.path.exists(os.path.join(args.out_dir, "model.pt")):
         print(f"{args.out_dir}/model.pt exists: training already finished", file=sys.stderr)
         return 0
+    old_threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return _main(args)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         cfg = configs.get_config(args.preset, args.config, args.overrides)
     except configs.ConfigError as e:

@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 from mipnerf360 import configs, datasets, synthetic, train, video
 
@@ -21,6 +22,15 @@ SMALL = [
     "model.nerf_mlp.basis_shape=octahedron",
     "model.nerf_mlp.basis_subdivisions=1",
 ]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: on a shared 2-core machine two threads are several times slower."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")
