@@ -27,7 +27,11 @@ def scene_settings(dataset, scene):
         "preset": sc.get("preset", ds["preset"]),
         "factor": sc.get("factor", ds.get("factor", 0)),
         "steps": sc.get("steps", ds.get("steps")),
-        "overrides": {**(ds.get("overrides") or {}), **(sc.get("overrides") or {})},
+        "overrides": {
+            **(config.get("overrides") or {}),
+            **(ds.get("overrides") or {}),
+            **(sc.get("overrides") or {}),
+        },
         "source": {**ds["source"], **(sc.get("source") or {})},
     }
     src = out["source"]

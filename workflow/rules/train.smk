@@ -33,4 +33,5 @@ rule train:
         device=device_args(),
     shell:
         "mipnerf360 train {input.scene:q} {params.outdir:q} {params.args}"
-        " --manifest {input.manifest:q} --resume {params.device} > {log} 2>&1"
+        " --manifest {input.manifest:q} --resume --no-progress --threads {threads}"
+        " {params.device} > {log} 2>&1"
