@@ -10,7 +10,8 @@ one of three layouts:
   camera poses, OpenCV camera axes, one PINHOLE camera per image with slightly varying
   focal lengths as in real captures), ``images/`` and the area-downsampled
   ``images_{f}/`` for each factor, and ``poses_bounds.npy``; cameras on an inward-facing
-  ring around the objects.
+  ring around the objects. Optionally (``distortion=True``) through a lens with OpenCV
+  radial-tangential distortion, written as OPENCV cameras.
 * ``'llff'`` (forward facing): cameras on a small planar grid all looking at the scene
   (objects in front of a textured back wall), ``poses_bounds.npy`` + ``images/`` +
   ``images_{f}/`` + a COLMAP model ``sparse/0`` with one shared PINHOLE camera.
@@ -53,6 +54,8 @@ DEFAULTS = {  # kind -> (n_views, width, height)
     "blender": (64, 96, 96),
 }
 _EPS = 1e-6
+# OpenCV (k1, k2, p1, p2) of the optional lens distortion: mild barrel, as real wide lenses
+DISTORTION = np.array([-0.08, 0.02, 0.001, -0.0015])
 _LIGHT = np.array([0.4, -0.5, 0.77]) / np.linalg.norm([0.4, -0.5, 0.77])
 
 
@@ -355,22 +358,56 @@ def _cameras(kind: str, n: int, width: int, height: int, rng: np.random.Generato
     return c2w, intr
 
 
+def distort(x, y, k1, k2, p1, p2):
+    """OpenCV radial-tangential lens distortion of normalised image coordinates (COLMAP's
+    OPENCV model): r2 = x^2 + y^2, radial = 1 + k1 r2 + k2 r2^2,
+    xd = x radial + 2 p1 x y + p2 (r2 + 2 x^2), yd = y radial + p1 (r2 + 2 y^2) + 2 p2 x y."""
+    r2 = x * x + y * y
+    radial = 1 + k1 * r2 + k2 * r2 * r2
+    xd = x * radial + 2 * p1 * x * y + p2 * (r2 + 2 * x * x)
+    yd = y * radial + p1 * (r2 + 2 * y * y) + 2 * p2 * x * y
+    return xd, yd
+
+
+def undistort(xd, yd, k1, k2, p1, p2, iters: int = 20):
+    """Invert :func:`distort` by Newton's method (closed-form 2x2 Jacobian), elementwise."""
+    x, y = np.array(xd, dtype=np.float64), np.array(yd, dtype=np.float64)
+    for _ in range(iters):  # fixed iteration count over whole arrays
+        r2 = x * x + y * y
+        radial = 1 + k1 * r2 + k2 * r2 * r2
+        dradial = 2 * k1 + 4 * k2 * r2  # d radial / d r2, times d r2 / dx = 2x
+        fx_, fy_ = distort(x, y, k1, k2, p1, p2)
+        ex, ey = fx_ - xd, fy_ - yd
+        j_xx = radial + x * dradial * x + 2 * p1 * y + 6 * p2 * x
+        j_xy = x * dradial * y + 2 * p1 * x + 2 * p2 * y
+        j_yx = y * dradial * x + 2 * p1 * x + 2 * p2 * y
+        j_yy = radial + y * dradial * y + 6 * p1 * y + 2 * p2 * x
+        det = j_xx * j_yy - j_xy * j_yx
+        x = x - (j_yy * ex - j_xy * ey) / det
+        y = y - (-j_yx * ex + j_xx * ey) / det
+    return x, y
+
+
 def pixel_rays(c2w: np.ndarray, intr, width: int, height: int, supersample: int = 1):
-    """World rays through a camera's pixels (OpenCV pinhole, pixel centres at +0.5).
+    """World rays through a camera's pixels (OpenCV camera, pixel centres at +0.5).
 
     Args:
-      c2w: [3, 4] OpenCV camera-to-world; intr: (fx, fy, cx, cy).
+      c2w: [3, 4] OpenCV camera-to-world; intr: (fx, fy, cx, cy) for a pinhole camera, or
+        (fx, fy, cx, cy, k1, k2, p1, p2) with OpenCV lens distortion (:func:`distort`).
       supersample: s -> s x s rays per pixel on a regular sub-pixel grid.
     Returns:
       origins [H, W, s*s, 3], directions [H, W, s*s, 3] (camera z component 1).
     """
-    fx, fy, cx, cy = intr
+    fx, fy, cx, cy = intr[:4]
     sub = (np.arange(supersample) + 0.5) / supersample
     sx, sy = np.meshgrid(sub, sub, indexing="xy")
     x = np.arange(width)[None, :, None] + sx.ravel()[None, None, :]
     y = np.arange(height)[:, None, None] + sy.ravel()[None, None, :]
     x, y = np.broadcast_arrays(x, y)
-    d_cam = np.stack([(x - cx) / fx, (y - cy) / fy, np.ones_like(x)], -1)
+    xn, yn = (x - cx) / fx, (y - cy) / fy
+    if len(intr) > 4:
+        xn, yn = undistort(xn, yn, *intr[4:8])
+    d_cam = np.stack([xn, yn, np.ones_like(x)], -1)
     d = d_cam @ c2w[:, :3].T
     return np.broadcast_to(c2w[:, 3], d.shape), d
 
@@ -436,8 +473,11 @@ def _colmap_points(scene, c2w, intr, width, height, distances, rng, per_view=48)
     vi = np.repeat(np.arange(n), per_view)
     px = rng.uniform(0, width, n * per_view)
     py = rng.uniform(0, height, n * per_view)
-    fx, fy, cx, cy = intr[vi].T
-    d_cam = np.stack([(px - cx) / fx, (py - cy) / fy, np.ones_like(px)], -1)
+    fx, fy, cx, cy = intr[vi, :4].T
+    xn, yn = (px - cx) / fx, (py - cy) / fy
+    if intr.shape[1] > 4:
+        xn, yn = undistort(xn, yn, *intr[vi, 4:8].T)
+    d_cam = np.stack([xn, yn, np.ones_like(px)], -1)
     d = np.einsum("nij,nj->ni", c2w[vi, :, :3], d_cam)
     r = scene.cast(c2w[vi, :, 3], d)
     keep = r["hit"]
@@ -448,8 +488,11 @@ def _colmap_points(scene, c2w, intr, width, height, distances, rng, per_view=48)
     cam = np.einsum("nji,nmj->nmi", c2w[:, :, :3], rel)
     z = cam[..., 2]
     with np.errstate(divide="ignore", invalid="ignore"):
-        u = intr[:, None, 0] * cam[..., 0] / z + intr[:, None, 2]
-        v = intr[:, None, 1] * cam[..., 1] / z + intr[:, None, 3]
+        xn, yn = cam[..., 0] / z, cam[..., 1] / z
+        if intr.shape[1] > 4:
+            xn, yn = distort(xn, yn, *(intr[:, None, k] for k in range(4, 8)))
+        u = intr[:, None, 0] * xn + intr[:, None, 2]
+        v = intr[:, None, 1] * yn + intr[:, None, 3]
     inside = (z > 0) & (u >= 0) & (u < width) & (v >= 0) & (v < height)
     ui = np.clip(np.floor(np.nan_to_num(u)), 0, width - 1).astype(int)
     vj = np.clip(np.floor(np.nan_to_num(v)), 0, height - 1).astype(int)
@@ -465,9 +508,9 @@ def _write_colmap(out: Path, names, c2w, intr, width, height, xyz, rgb, visible,
     from mipnerf360 import colmap
 
     cameras, images, points = {}, {}, {}
+    model = "OPENCV" if intr.shape[1] == 8 else "PINHOLE"
     if shared:
-        fx, fy, cx, cy = intr[0]
-        cameras[1] = colmap.Camera(1, "PINHOLE", width, height, np.array([fx, fy, cx, cy]))
+        cameras[1] = colmap.Camera(1, model, width, height, intr[0].copy())
     # COLMAP numbers images in its own order; use a fixed permutation of the names
     order = np.argsort([hash_name(nm) for nm in names], kind="stable")
     image_ids = np.empty(len(names), np.int64)
@@ -481,7 +524,7 @@ def _write_colmap(out: Path, names, c2w, intr, width, height, xyz, rgb, visible,
         image_id = int(image_ids[i])
         cam_id = 1 if shared else image_id
         if not shared:
-            cameras[cam_id] = colmap.Camera(cam_id, "PINHOLE", width, height, intr[i].copy())
+            cameras[cam_id] = colmap.Camera(cam_id, model, width, height, intr[i].copy())
         w2c_r = c2w[i, :, :3].T
         w2c_t = -w2c_r @ c2w[i, :, 3]
         pts = obs_p[starts[i] : starts[i + 1]]
@@ -536,6 +579,7 @@ def generate(
     supersample: int = 2,
     per_image_intrinsics: bool = True,
     overwrite: bool = False,
+    distortion: bool = False,
 ) -> str:
     """Render a procedural scene and write it in the ``kind`` layout into ``out_dir``.
 
@@ -551,6 +595,9 @@ def generate(
       supersample: s -> s x s rays per pixel.
       per_image_intrinsics: '360' only: one camera per image with focal lengths varying by
         up to +-3 % (like real captures); False -> one shared camera.
+      distortion: '360' and 'llff': render through a lens with OpenCV radial-tangential
+        distortion (``DISTORTION``) and write OPENCV cameras instead of PINHOLE ones (the
+        LLFF ``poses_bounds.npy`` cannot describe it; its loader takes sparse/0's cameras).
     Returns:
       ``out_dir`` as a string.
     """
@@ -587,6 +634,7 @@ def generate(
                 factors,
                 supersample,
                 shared=(kind == "llff" or not per_image_intrinsics),
+                distortion=distortion,
             )
         if out.exists():
             shutil.rmtree(out) if any(out.iterdir()) else out.rmdir()
@@ -597,12 +645,16 @@ def generate(
     return str(out)
 
 
-def _generate_colmap(out, kind, n, width, height, seed, factors, supersample, shared):
+def _generate_colmap(
+    out, kind, n, width, height, seed, factors, supersample, shared, distortion=False
+):
     scene = make_scene(kind, seed)
     rng = np.random.default_rng([seed, 11])
     c2w, intr = _cameras(kind, n, width, height, rng)
     if shared:
         intr[:] = intr[0]
+    if distortion:
+        intr = np.concatenate([intr, np.broadcast_to(DISTORTION, (n, 4))], -1)
     names = [f"img_{i:03d}.png" for i in range(n)]
     distances = np.empty((n, height, width))
     for i in range(n):  # one view at a time keeps memory small
@@ -677,7 +729,8 @@ def _save_gt(out, kind, seed, names, c2w, intr, distances, split, width, height)
 
 def load_ground_truth(scene_dir) -> dict:
     """What :func:`generate` rendered: 'kind', 'seed', 'names' [N] (relative image paths),
-    'c2w_opencv' [N, 3, 4], 'intrinsics' [N, 4] (fx, fy, cx, cy at full resolution),
+    'c2w_opencv' [N, 3, 4], 'intrinsics' [N, 4] (fx, fy, cx, cy at full resolution) or
+    [N, 8] (+ k1, k2, p1, p2 with ``distortion``),
     'distance' [N, H, W] (pixel-centre ray to the first hit, inf where none), 'split' [N],
     'width', 'height'."""
     path = Path(scene_dir) / GT_FILE
@@ -709,6 +762,7 @@ def main(argv=None) -> int:
         help="360: one shared camera instead of per-image intrinsics",
     )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty out_dir")
+    p.add_argument("--distortion", action="store_true", help="360/llff: OPENCV lens distortion")
     a = p.parse_args(argv)
     factors = tuple(int(f) for f in a.factors.split(",") if f.strip())
     out = generate(
@@ -722,6 +776,7 @@ def main(argv=None) -> int:
         a.supersample,
         per_image_intrinsics=not a.shared_camera,
         overwrite=a.overwrite,
+        distortion=a.distortion,
     )
     print(out)
     return 0

@@ -59,17 +59,14 @@ def _check_loaded(scene, gt, factor, check_pixels=True):
         gl = synthetic.opencv_to_opengl(gt["c2w_opencv"][i])
         np.testing.assert_allclose(_pose_in_data_coords(scene, j), gl, atol=1e-9)
         K = np.linalg.inv(scene.pixtocams[j].astype(np.float64))
-        fx, fy, cx, cy = gt["intrinsics"][i] / f
-        np.testing.assert_allclose(
-            [K[0, 0], K[1, 1], K[0, 2], K[1, 2]], [fx, fy, cx, cy], rtol=1e-6
-        )
+        intr = gt["intrinsics"][i].copy()
+        intr[:4] /= f  # focal lengths and principal point scale; distortion does not
+        np.testing.assert_allclose([K[0, 0], K[1, 1], K[0, 2], K[1, 2]], intr[:4], rtol=1e-6)
         # the loader's rays, mapped back to data coordinates, are the rendering camera's rays
         rays = datasets.image_rays_np(scene, j)
         o = rays["origins"] @ Tinv[:3, :3].T + Tinv[:3, 3]
         d = rays["directions"] @ Tinv[:3, :3].T
-        o_gt, d_gt = synthetic.pixel_rays(
-            gt["c2w_opencv"][i], (fx, fy, cx, cy), scene.width, scene.height, 1
-        )
+        o_gt, d_gt = synthetic.pixel_rays(gt["c2w_opencv"][i], intr, scene.width, scene.height, 1)
         np.testing.assert_allclose(o, o_gt[:, :, 0], atol=1e-9)
         d = d / np.linalg.norm(d, axis=-1, keepdims=True)
         d_gt = d_gt[:, :, 0] / np.linalg.norm(d_gt[:, :, 0], axis=-1, keepdims=True)
@@ -306,3 +303,29 @@ def test_cli_and_bad_arguments(tmp_path, capsys):
         synthetic.main(["nerf", str(tmp_path / "y")])
     with pytest.raises(FileNotFoundError, match="synthetic_gt.npz"):
         synthetic.load_ground_truth(tmp_path)
+
+
+def test_distorted_360_loads_back(tmp_path):
+    path = Path(
+        synthetic.generate(tmp_path / "d", "360", n_views=9, width=48, height=36, distortion=True)
+    )
+    gt = synthetic.load_ground_truth(path)
+    assert gt["intrinsics"].shape == (9, 8)
+    cams, ims, pts = colmap.read_model(path / "sparse" / "0")
+    assert {c.model for c in cams.values()} == {"OPENCV"}
+    for factor in (1, 2):
+        scene = datasets.load_scene(path, DataConfig(dataset_type="colmap", factor=factor))
+        # loader's distortion (camera.DISTORTION_KEYS = k1 k2 k3 k4 p1 p2) is the lens's
+        k1, k2, p1, p2 = synthetic.DISTORTION
+        np.testing.assert_allclose(scene.distortion, np.tile([k1, k2, 0, 0, p1, p2], (9, 1)))
+        _check_loaded(scene, gt, factor)
+    # keypoints are the distorted projections of their 3D points
+    im = ims[1]
+    fx, fy, cx, cy, *dist = cams[im.camera_id].params
+    pc = np.stack([pts[int(p)].xyz for p in im.point3D_ids]) @ im.qvec2rotmat().T + im.tvec
+    xd, yd = synthetic.distort(pc[:, 0] / pc[:, 2], pc[:, 1] / pc[:, 2], *dist)
+    np.testing.assert_allclose(np.stack([fx * xd + cx, fy * yd + cy], -1), im.xys, atol=1e-6)
+    # the undistortion inverts the distortion
+    x = np.linspace(-0.6, 0.6, 25)
+    xu, yu = synthetic.undistort(*synthetic.distort(x, x[::-1], *dist), *dist)
+    np.testing.assert_allclose(np.stack([xu, yu]), np.stack([x, x[::-1]]), atol=1e-12)
