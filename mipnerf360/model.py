@@ -36,6 +36,28 @@ def _he_uniform_(linear: nn.Linear) -> nn.Linear:
     return linear
 
 
+def _linear_parts(
+    parts: list[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
+    """``linear(cat(parts, -1), weight, bias)`` without materialising the concatenation.
+
+    parts[j] [..., k_j] (broadcastable leading dims, e.g. [B,S,k] and [B,1,k']),
+    weight [out, sum k_j], bias [out] -> [..., out].
+    """
+    if len(parts) == 1:
+        return nn.functional.linear(parts[0], weight, bias)
+    out, start = None, 0
+    for part in parts:
+        k = part.shape[-1]
+        w = weight[:, start : start + k]
+        y = nn.functional.linear(part, w, bias) if out is None else nn.functional.linear(part, w)
+        out = y if out is None else out + y
+        start += k
+    if start != weight.shape[1]:
+        raise ValueError(f"parts have {start} features in all, the layer takes {weight.shape[1]}")
+    return out
+
+
 class MLP(nn.Module):
     """A mip-NeRF 360 MLP (multinerf ``models.MLP``, spec section 7).
 
@@ -111,43 +133,46 @@ class MLP(nn.Module):
     ) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         features = self.featurize(means, covs)
-        x = features
+        # x is kept as a list of parts whose concatenation is the layer input (the skip
+        # connections), so no concat is materialised and no gradient is computed for the
+        # feature part; per-ray parts ([B,1,k]) are multiplied once per ray.
+        x = [features]
         for i, layer in enumerate(self.trunk):
-            x = torch.relu(layer(x))
+            x = [torch.relu(_linear_parts(x, layer.weight, layer.bias))]
             if i % cfg.skip_layer == 0 and i > 0:
-                x = torch.cat([x, features], dim=-1)
+                x.append(features)
         bottleneck = None
         if self.bottleneck_layer is not None:
-            # Density head and bottleneck read the same x: one matmul for both (one GEMM
-            # instead of a 1-column one, and no gradient accumulation into x).
+            # Density head and bottleneck read the same x: one GEMM for both (instead of a
+            # 1-column one, and no gradient accumulation into x).
             weight = torch.cat([self.density_layer.weight, self.bottleneck_layer.weight], 0)
             bias = torch.cat([self.density_layer.bias, self.bottleneck_layer.bias], 0)
-            y = nn.functional.linear(x, weight, bias)
+            y = _linear_parts(x, weight, bias)
             raw_density, bottleneck = y[..., 0], y[..., 1:]
-        else:
+        elif len(x) == 1:
             # A 1-column output: a broadcast multiply-sum beats a GEMM with N=1 (and its
             # K=1 backward GEMM) on CPUs.
-            w = self.density_layer.weight[0]
-            raw_density = torch.sum(x * w, dim=-1) + self.density_layer.bias[0]
+            raw_density = torch.sum(x[0] * self.density_layer.weight[0], dim=-1)
+            raw_density = raw_density + self.density_layer.bias[0]
+        else:
+            raw_density = _linear_parts(x, self.density_layer.weight, self.density_layer.bias)
+            raw_density = raw_density[..., 0]
         density = nn.functional.softplus(raw_density + cfg.density_bias)
         if cfg.disable_rgb:
             rgb = torch.zeros_like(means)
         else:
             if self.use_viewdirs:
-                parts = []
-                if bottleneck is not None:
-                    parts.append(bottleneck)
+                x = [] if bottleneck is None else [bottleneck]
                 dir_enc = coord.pos_enc(viewdirs, 0, cfg.deg_view, append_identity=True)
-                dir_enc = dir_enc[..., None, :].expand(*x.shape[:-1], dir_enc.shape[-1])
-                parts.append(dir_enc)
-                x = torch.cat(parts, dim=-1)
-                view_in = x
+                x.append(dir_enc[..., None, :])  # [B,1,27]: the same for all samples of a ray
+                view_in = list(x)
                 for i, layer in enumerate(self.view_layers):
-                    x = torch.relu(layer(x))
+                    x = [torch.relu(_linear_parts(x, layer.weight, layer.bias))]
                     if i % cfg.skip_layer_dir == 0 and i > 0:
-                        x = torch.cat([x, view_in], dim=-1)
-            rgb = torch.sigmoid(self.rgb_layer(x))
+                        x += view_in
+            rgb = torch.sigmoid(_linear_parts(x, self.rgb_layer.weight, self.rgb_layer.bias))
             rgb = rgb * (1 + 2 * cfg.rgb_padding) - cfg.rgb_padding
+            rgb = rgb.expand(*means.shape[:-1], rgb.shape[-1])
         return {"density": density, "rgb": rgb}
 
 
