@@ -350,7 +350,11 @@ def train(
             if not all(math.isfinite(stats.get(k, 0.0)) for k in ("loss", "data")):
                 raise TrainingStopped(f"non-finite loss at step {step}", EXIT_NAN)
             last_stats = stats
-            if step % t.log_every == 0 or step == t.max_steps:
+            out_of_time = (
+                t.time_limit_s > 0 and prior_wall + time.perf_counter() - t0 >= t.time_limit_s
+            )
+            stopping = out_of_time or flag.signum is not None or step == t.max_steps
+            if step % t.log_every == 0 or stopping:
                 now = time.perf_counter()
                 sps = interval_steps / max(now - interval_t, 1e-9)
                 interval_t, interval_steps = now, 0
@@ -381,7 +385,7 @@ def train(
                     f"{name} received: checkpoint written at step {step}",
                     SIGNAL_EXIT[flag.signum],
                 )
-            if t.time_limit_s > 0 and prior_wall + time.perf_counter() - t0 >= t.time_limit_s:
+            if out_of_time:
                 stop_reason = "time_limit"
                 break
     if bar is not None:
@@ -408,8 +412,9 @@ def train(
         "stop_reason": stop_reason,
         "torch_version": torch.__version__,
     }
-    if rows:
-        plot_curves(rows, os.path.join(out_dir, "curves.png"))
+    if not rows:  # max_steps reached before this run (e.g. resumed at the last step)
+        write_csv(os.path.join(out_dir, "metrics.csv"), rows)
+    plot_curves(rows, os.path.join(out_dir, "curves.png"))
     write_json(os.path.join(out_dir, "summary.json"), summary)
     final = {
         "model": model.state_dict(),

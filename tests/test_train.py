@@ -198,6 +198,9 @@ def test_manifest_split_and_time_limit(scene_dir, tmp_path):
     assert summary["wall_time_s"] >= 1.0
     assert (out / "model.pt").exists()
     steps = summary["steps"]
+    last_row = (out / "metrics.csv").read_text().splitlines()[-1]
+    assert int(last_row.split(",")[0]) == steps  # the stopping step is logged
+    assert (out / "curves.png").exists()
     kept = [s for s, _ in train.list_checkpoints(out / "checkpoints")]
     assert kept == ([steps - 1, steps] if steps > 1 else [1])  # only the last 2 are kept
 
