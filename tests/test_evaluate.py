@@ -128,3 +128,33 @@ def test_colorize_depth_orders_near_and_far():
     assert not np.allclose(rgb[:, 0], rgb[:, -1])  # near and far differ
     # No accumulation -> white background.
     np.testing.assert_allclose(evaluate.colorize_depth(depth, np.zeros_like(depth)), 1.0)
+
+
+def test_render_writes_every_view(tmp_path):
+    """Render a 2-step model's test views: file layout, shapes and the ground truth."""
+    import torch
+
+    from mipnerf360 import datasets, synthetic, train
+
+    scene = synthetic.generate(tmp_path / "scene", kind="360", n_views=9, width=40, height=32)
+    run, out = tmp_path / "run", tmp_path / "renders"
+    small = ["train.max_steps=2", "train.batch_size=32", "model.num_prop_samples=8"]
+    small += ["model.num_nerf_samples=8", "model.nerf_mlp.net_width=32", "eval.chunk_size=500"]
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert train.main([scene, str(run), "--preset", "cpu", "--no-progress", *small]) == 0
+        assert evaluate.render_main([str(run), scene, str(out), "--device", "cpu"]) == 0
+    finally:
+        torch.set_num_threads(old)
+    info = json.loads((out / "renders.json").read_text())
+    sc = datasets.load_scene(scene, configs.load_config(run / "config.yaml").data)
+    assert info["names"] == [os.path.splitext(sc.names[i])[0] for i in sc.i_test]
+    assert info["step"] == 2 and len(info["seconds_per_image"]) == len(sc.i_test)
+    for name, i in zip(info["names"], sc.i_test, strict=True):
+        np.testing.assert_array_equal(np.load(out / "gt" / f"{name}.npy"), sc.images[i])
+        assert evaluate.read_png(str(out / "color" / f"{name}.png")).shape == (32, 40, 3)
+        depth = np.load(out / "depth" / f"{name}.npy")
+        assert depth.shape == (32, 40) and np.isfinite(depth).all() and (depth > 0).all()
+        assert evaluate.read_png(str(out / "depth" / f"{name}.png")).shape == (32, 40, 3)
+        assert evaluate.read_png(str(out / "acc" / f"{name}.png")).shape == (32, 40, 3)
