@@ -282,7 +282,14 @@ def train(
     num_params = sum(p.numel() for p in model.parameters())
 
     step, prior_wall, rows = 0, 0.0, []
-    ckpts = list_checkpoints(ckpt_dir) if resume else []
+    ckpts = list_checkpoints(ckpt_dir)
+    if not resume:  # a fresh run: stale checkpoints / model.pt would be mistaken for its own
+        stale = [p for _, p in ckpts] + [final_path] * os.path.exists(final_path)
+        if stale:
+            print(f"fresh run: removing {len(stale)} old file(s) in {out_dir}", file=sys.stderr)
+        for p in stale:
+            os.unlink(p)
+        ckpts = []
     if ckpts:
         try:
             ckpt = torch.load(ckpts[-1][1], map_location="cpu", weights_only=False)

@@ -240,3 +240,13 @@ def test_end_to_end_beats_mean_colour(tmp_path):
     assert depth.shape == (36, 48) and np.all(np.isfinite(depth)) and depth.min() > 0
     for sub in ("color", "gt", "depth", "acc"):
         assert (renders / sub / f"{name}.png").exists()
+
+
+def test_fresh_run_replaces_old_checkpoints(scene_dir, tmp_path):
+    out = tmp_path / "run"
+    assert _run(scene_dir, out, "train.max_steps=3", "train.checkpoint_every=1") == 0
+    assert [s for s, _ in train.list_checkpoints(out / "checkpoints")] == [2, 3]
+    # A new run without --resume must not keep (or be pruned in favour of) the old ones.
+    assert _run(scene_dir, out, "train.max_steps=1") == 0
+    assert [s for s, _ in train.list_checkpoints(out / "checkpoints")] == [1]
+    assert torch.load(out / "model.pt", weights_only=False)["step"] == 1
