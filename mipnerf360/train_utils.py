@@ -251,7 +251,14 @@ class TrainStep:
 
 
 def compile_mlps(model) -> None:
-    """Wrap both MLPs' forward in torch.compile (idempotent)."""
+    """Wrap both MLPs' forward (featurisation + layers) in torch.compile (idempotent).
+
+    The sampling code stays eager (it takes a torch.Generator). If inductor cannot compile
+    a graph, dynamo falls back to eager for it instead of failing the run.
+    """
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = True
     for attr in MLP_NAMES.values():
         mlp = getattr(model, attr)
         if not getattr(mlp, "_mipnerf360_compiled", False):

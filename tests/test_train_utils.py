@@ -189,3 +189,21 @@ def test_compile_setting():
     assert T.resolve_compile("auto", "cuda") is True
     with pytest.raises(ValueError, match="maybe"):
         T.resolve_compile("maybe", "cpu")
+
+
+@pytest.mark.slow
+def test_compiled_step_matches_eager(step_golden):
+    """torch.compile'd MLPs (cfg.train.compile='on') give the golden step too (CPU)."""
+    d = step_golden
+    cfg, model, batch = _tiny_setup(d)
+    cfg.train.compile = "on"
+    optimizer = T.create_optimizer(model, cfg)
+    step = T.make_train_step(model, optimizer, cfg)
+    assert step.compiled
+    stats = step(batch, 1, None, train_frac=float(d["in_train_frac"]))
+    np.testing.assert_allclose(stats["loss"], d["out_loss"], rtol=1e-5)
+    for name in ("NerfMLP_0", "PropMLP_0"):
+        np.testing.assert_allclose(stats[f"grad_norm_{name}"], d[f"out_grad_norm_{name}"], 1e-4)
+    new = M.export_flax_params(model)
+    for k, v in new.items():
+        np.testing.assert_allclose(v, d[f"out_new_param/{k}"], rtol=0, atol=1.2e-7, err_msg=k)
