@@ -207,3 +207,32 @@ def test_compiled_step_matches_eager(step_golden):
     new = M.export_flax_params(model)
     for k, v in new.items():
         np.testing.assert_allclose(v, d[f"out_new_param/{k}"], rtol=0, atol=1.2e-7, err_msg=k)
+
+
+def test_adam_update_is_optax_adam():
+    """Several updates of create_optimizer's Adam equal optax.adam's formula:
+    m = b1 m + (1-b1) g, v = b2 v + (1-b2) g^2, p -= lr * m_hat / (sqrt(v_hat) + eps)."""
+    cfg = configs.get_config("360")
+    cfg.train.adam_eps = 1e-3  # large enough that its placement (outside the sqrt) matters
+    model = M.build_model("tiny")
+    opt = T.create_optimizer(model, cfg)
+    p = next(model.parameters())
+    p0 = p.detach().double().clone()
+    g_seq = [torch.randn_like(p) * s for s in (1e-2, 1e-3, 3e-2)]
+    lrs = [1e-3, 2e-3, 5e-4]
+    m = torch.zeros_like(p0)
+    v = torch.zeros_like(p0)
+    ref = p0.clone()
+    b1, b2, eps = 0.9, 0.999, 1e-3
+    for k, (g, lr) in enumerate(zip(g_seq, lrs, strict=True), start=1):
+        for q in model.parameters():
+            q.grad = torch.zeros_like(q)
+        p.grad = g.clone()
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.step()
+        gd = g.double()
+        m = b1 * m + (1 - b1) * gd
+        v = b2 * v + (1 - b2) * gd * gd
+        ref = ref - lr * (m / (1 - b1**k)) / (torch.sqrt(v / (1 - b2**k)) + eps)
+    np.testing.assert_allclose(p.detach().double().numpy(), ref.numpy(), rtol=0, atol=1e-6)
