@@ -203,7 +203,7 @@ def _write_atomic(path: Path, text: str) -> None:
 def write_table(df: pd.DataFrame, out_dir: str | os.PathLike, name: str, caption: str) -> None:
     """``<out_dir>/<name>.csv`` (full precision), ``.md`` and ``.tex`` (rounded)."""
     out_dir = Path(out_dir)
-    _write_atomic(out_dir / f"{name}.csv", df.to_csv(float_format="%.6g"))
+    _write_atomic(out_dir / f"{name}.csv", df.to_csv(float_format="%.10g"))
     _write_atomic(out_dir / f"{name}.md", f"{caption}\n\n{to_markdown(df)}")
     _write_atomic(out_dir / f"{name}.tex", to_latex(df, caption))
 

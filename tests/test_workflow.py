@@ -310,13 +310,24 @@ def test_dataset_change_reruns_that_dataset(tiny_run):
 
 
 @pytest.mark.slow
-def test_html_report(tiny_run):
+def test_report(tiny_run):
+    res, log = run(["--configfile", "tiny.yaml", "--report", "report.html"], tiny_run)
+    assert res.returncode == 0, log
+    html = (tiny_run / "report.html").read_text()
+    assert "synthetic_360.md" in html and "curves.png" in html
     res, log = run(["--configfile", "tiny.yaml", "--report", "report.zip"], tiny_run)
     assert res.returncode == 0, log
     import zipfile
 
     with zipfile.ZipFile(tiny_run / "report.zip") as zf:
         names = zf.namelist()
-    assert any(n.endswith("synthetic_360.md") for n in names)
-    assert any(n.endswith("curves.png") for n in names)
-    assert any("color" in n and n.endswith(".png") for n in names)
+    tables = {Path(n).name for n in names if n.endswith((".csv", ".md", ".tex"))}
+    assert tables == {
+        f"{t}.{e}"
+        for t in ("synthetic_360", "synthetic_llff", "combined")
+        for e in ("csv", "md", "tex")
+    }
+    assert sum(n.endswith("curves.png") for n in names) == 3  # one per scene
+    views = list(tiny_run.glob("results/render/*/*/color/*.png"))
+    pngs = [n for n in names if n.endswith(".png") and not n.endswith("curves.png")]
+    assert views and len(pngs) == len(views)  # every test view
