@@ -293,6 +293,13 @@ def test_scene_change_reruns_only_that_scene(tiny_run):
         ("tables", "", ""),
         ("all", "", ""),
     }
+    # and the rerun works: checkpoints of the old settings are not resumed
+    res, log = run(["--cores", "2", "--configfile", "scene_change.yaml"], tiny_run, timeout=120)
+    assert res.returncode == 0, log[-5000:]
+    saved = yaml.safe_load(
+        (tiny_run / "results/train/synthetic_360/garden/config.yaml").read_text()
+    )
+    assert saved["train"]["lr_init"] == 0.004
 
 
 @pytest.mark.slow

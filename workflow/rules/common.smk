@@ -1,4 +1,5 @@
 # Shared helpers: the scene list, per-scene settings and input functions.
+import hashlib
 import json
 import os
 import shlex
@@ -127,6 +128,12 @@ def prepare_args(wildcards):
     args += [a for a in override_args(st) if a.startswith("data.")]
     args = [a for a in args if not a.startswith(("data.dataset_type=", "data.factor="))]
     return " ".join(shlex.quote(a) for a in args)
+
+
+def resume_key(wildcards):
+    """Hash of a scene's training settings: checkpoints made with other settings are not
+    resumed (the train step deletes them)."""
+    return hashlib.sha256(train_args(wildcards).encode()).hexdigest()[:16]
 
 
 def archive_args(wildcards):

@@ -30,8 +30,15 @@ rule train:
     params:
         outdir=subpath(output.model, parent=True),
         args=train_args,
+        key=resume_key,
         device=device_args(),
     shell:
-        "mipnerf360 train {input.scene:q} {params.outdir:q} {params.args}"
+        # Resume only checkpoints of the same settings (resume.key is not an output, so it
+        # survives a failed job like the checkpoints do).
+        "mkdir -p {params.outdir:q};"
+        ' if [ "$(cat {params.outdir:q}/resume.key 2>/dev/null)" != {params.key} ]; then'
+        " rm -rf {params.outdir:q}/checkpoints; fi;"
+        " echo {params.key} > {params.outdir:q}/resume.key;"
+        " mipnerf360 train {input.scene:q} {params.outdir:q} {params.args}"
         " --manifest {input.manifest:q} --resume --no-progress --threads {threads}"
         " {params.device} > {log} 2>&1"
