@@ -250,11 +250,11 @@ class Model(nn.Module):
                         sdist, weights, dilation, domain=(init_s_near, init_s_far), renormalize=True
                     )
                     sdist, weights = sdist[..., 1:-1], weights[..., 1:-1]
-                logits = torch.where(
-                    sdist[..., 1:] > sdist[..., :-1],
-                    anneal * torch.log(weights + cfg.resample_padding),
-                    -torch.inf,
-                )
+                # w**anneal in log space. Where a weight is exactly 0 and anneal is 0 (the
+                # first step), multinerf computes 0 * -inf = NaN; we use 0**0 = 1 instead.
+                log_w = torch.log(weights + cfg.resample_padding)
+                scaled = torch.where(torch.isneginf(log_w) & (anneal == 0), 0.0, anneal * log_w)
+                logits = torch.where(sdist[..., 1:] > sdist[..., :-1], scaled, -torch.inf)
                 sdist = stepfun.sample_intervals(
                     generator,
                     sdist,

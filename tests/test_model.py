@@ -281,3 +281,23 @@ def test_mlp_matches_explicit_concatenation(kw):
     ref = torch.autograd.grad(density.sum() + (rgb**2).sum(), list(mlp.parameters()))
     for g, r in zip(grads, ref, strict=True):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+def test_zero_weights_at_train_frac_zero_do_not_give_nan():
+    """anneal = 0 at the first step: a zero proposal weight must not make 0 * log(0) = NaN."""
+    torch.manual_seed(0)
+    model = M.build_model("tiny")
+    with torch.no_grad():
+        # A hugely negative density bias in the proposal MLP makes its weights underflow to 0.
+        model.prop_mlp.flax_layers()[-1].bias.fill_(-1e4)
+    rays = {
+        "origins": torch.zeros(4, 3),
+        "directions": torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [0.6, 0.8, 0]]),
+        "radii": torch.full((4, 1), 0.01),
+        "near": torch.full((4, 1), 0.2),
+        "far": torch.full((4, 1), 1e6),
+    }
+    rays["viewdirs"] = rays["directions"] / rays["directions"].norm(dim=-1, keepdim=True)
+    renderings, history = model(rays, train_frac=0.0)
+    assert all(torch.isfinite(h["sdist"]).all() for h in history)
+    assert torch.isfinite(renderings[-1]["rgb"]).all()
