@@ -2,7 +2,8 @@
 #
 # quality_run SCENE_DIR OUT_DIR SECONDS [key=value ...]
 #   1. calibrate: a 40-step run measures steps/s for this config on this machine;
-#   2. train for SECONDS of wall time with train.max_steps sized so the learning-rate schedule
+#   2. train for SECONDS of wall time with train.max_steps (90 % of the calibrated rate, the
+#      rate drops when the CPU is shared) sized so the learning-rate schedule
 #      (and the proposal annealing) finish at about that time, train.time_limit_s as a guard;
 #   3. render the test views and evaluate them (PSNR, SSIM, LPIPS alex+vgg, 8-bit protocol);
 #   4. print one summary line and write OUT_DIR/result.json.
@@ -29,7 +30,7 @@ quality_run() {
   sps=$(python3 -c "import csv,sys; r=list(csv.DictReader(open(sys.argv[1]))); print(r[-1]['steps_per_s'])" \
     "$out/calibrate/metrics.csv")
   local steps
-  steps=$(python3 -c "import sys; print(max(100, int(0.95 * float(sys.argv[1]) * float(sys.argv[2]))))" \
+  steps=$(python3 -c "import sys; print(max(100, int(0.9 * float(sys.argv[1]) * float(sys.argv[2]))))" \
     "$seconds" "$sps")
   echo "   $sps steps/s -> train.max_steps=$steps for ${seconds} s"
   rm -rf "$out/calibrate" "$out/train"
