@@ -12,6 +12,10 @@ else:
     LPIPS_ARGS = "--no-lpips"
 DATASETS = config["datasets"]
 SCENES = [(d, s) for d, ds in DATASETS.items() for s in ds["scenes"]]
+if "combined" in DATASETS:
+    raise ValueError(
+        "config: datasets.combined: reserved name (results/tables/combined.*)"
+    )
 # Each archive is extracted (atomically) to <resources_dir>/data/<archive key>.
 ARCHIVE_DIR = os.path.join(RESOURCES_DIR, "data")
 
