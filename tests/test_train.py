@@ -121,7 +121,8 @@ def test_seeded_runs_are_deterministic(scene_dir, tmp_path):
 
 
 @pytest.mark.slow  # a subprocess that imports torch, ~15 s
-def test_sigterm_writes_checkpoint_and_exits_nonzero(scene_dir, tmp_path):
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_writes_checkpoint_and_exits_nonzero(scene_dir, tmp_path, signum, code):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "mipnerf360", "train", scene_dir, str(out), "--preset", "cpu"]
     cmd += ["--no-progress", *SMALL, "train.max_steps=100000", "train.log_every=1"]
@@ -132,13 +133,13 @@ def test_sigterm_writes_checkpoint_and_exits_nonzero(scene_dir, tmp_path):
             assert proc.poll() is None, proc.communicate()
             assert time.time() < deadline, "training did not start"
             time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
         _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 143, err
-    assert "SIGTERM" in err
+    assert proc.returncode == code, err
+    assert signal.Signals(signum).name in err
     ckpts = train.list_checkpoints(out / "checkpoints")
     assert len(ckpts) == 1 and ckpts[0][0] >= 1
     assert not (out / "model.pt").exists()
