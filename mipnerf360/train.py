@@ -490,9 +490,20 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(old_threads)
 
 
+def check_train_config(cfg: configs.Config) -> None:
+    """Values the loop divides by or counts with; raises configs.ConfigError."""
+    t = cfg.train
+    for key in ("max_steps", "batch_size", "checkpoint_every", "log_every"):
+        if getattr(t, key) < 1:
+            raise configs.ConfigError(f"train.{key} must be >= 1, got {getattr(t, key)}")
+    if t.time_limit_s < 0:
+        raise configs.ConfigError(f"train.time_limit_s must be >= 0, got {t.time_limit_s}")
+
+
 def _main(args: argparse.Namespace) -> int:
     try:
         cfg = configs.get_config(args.preset, args.config, args.overrides)
+        check_train_config(cfg)
     except configs.ConfigError as e:
         print(f"mipnerf360 train: config error: {e}", file=sys.stderr)
         return 2

@@ -167,6 +167,8 @@ def test_unknown_config_key_is_exit_2(scene_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "max_stepz" in err
     assert _run(scene_dir, tmp_path / "run", "train.max_steps=many") == 2
+    assert _run(scene_dir, tmp_path / "run", "train.log_every=0") == 2
+    assert "train.log_every must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
