@@ -141,3 +141,11 @@ def test_every_field_has_a_comment():
         for f in dataclasses.fields(cls):
             assert f.name in chunks, f"{cls.__name__}.{f.name} not found"
             assert "#" in chunks[f.name], f"{cls.__name__}.{f.name} has no comment"
+
+
+def test_override_reads_exponent_without_dot_as_float():
+    """YAML 1.1 reads '1e6' as a string; overrides must still take it as a number."""
+    cfg = configs.get_config("cpu", overrides=["data.far=1e6", "train.lr_init=5e-3"])
+    assert cfg.data.far == 1e6 and cfg.train.lr_init == 5e-3
+    with pytest.raises(configs.ConfigError, match="model.raydist_fn"):
+        configs.get_config("cpu", overrides=["model.raydist_fn=1e3"])
