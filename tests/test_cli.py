@@ -32,3 +32,13 @@ def test_console_script_runs():
         [sys.executable, "-m", "mipnerf360", "--help"], capture_output=True, text=True, check=True
     )
     assert "usage: mipnerf360" in out.stdout
+
+
+def test_bad_input_is_a_one_line_error_not_a_traceback(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MIPNERF360_DEBUG", raising=False)
+    missing = tmp_path / "no_such_scene"
+    code = cli.main(["prepare", str(missing), str(tmp_path / "m.json"), "--dataset-type", "colmap"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith("mipnerf360 prepare: error:") and str(missing) in err
+    assert "Traceback" not in err
