@@ -1,29 +1,13 @@
 """coord: golden parity with multinerf plus property tests (contraction, Jacobian, grads)."""
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import close, load, t
 
 from mipnerf360 import coord, geopoly
-
-GOLDEN = Path(__file__).parent / "golden"
-
-
-def load(name):
-    return np.load(GOLDEN / f"{name}.npz")
-
-
-def t(a, dtype=None):
-    x = torch.from_numpy(np.asarray(a))
-    return x if dtype is None else x.to(dtype)
-
-
-def close(actual, expected, rtol=1e-5, atol=1e-6):
-    np.testing.assert_allclose(actual.detach().cpu().numpy(), expected, rtol=rtol, atol=atol)
-
 
 # ---------------------------------------------------------------- golden parity
 

@@ -1,27 +1,10 @@
 """render: golden parity with multinerf plus properties (weights, gradients, shapes)."""
 
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
+from helpers import close, load, t
 
 from mipnerf360 import render
-
-GOLDEN = Path(__file__).parent / "golden"
-
-
-def load(name):
-    return np.load(GOLDEN / f"{name}.npz")
-
-
-def t(a):
-    return torch.from_numpy(np.asarray(a))
-
-
-def close(actual, expected, rtol=1e-5, atol=1e-6):
-    np.testing.assert_allclose(actual.detach().cpu().numpy(), expected, rtol=rtol, atol=atol)
-
 
 # ---------------------------------------------------------------- golden parity
 
