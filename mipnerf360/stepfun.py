@@ -98,8 +98,13 @@ def invert_cdf(u: torch.Tensor, t: torch.Tensor, w_logits: torch.Tensor) -> torc
     """Inverse CDF of the histogram softmax(w_logits) on edges t, evaluated at sorted u.
 
     u [..., M] in [0, 1), t [..., N+1], w_logits [..., N] -> t_new [..., M].
+
+    Unlike multinerf (softmax of all -inf = NaN), a row whose logits are all -inf (every
+    weight of a ray underflowed to 0, e.g. empty space around a Blender object) is treated
+    as uniform, so one empty ray cannot turn the whole batch's loss into NaN.
     """
-    w = torch.softmax(w_logits, dim=-1)
+    empty = torch.isneginf(w_logits).all(dim=-1, keepdim=True)
+    w = torch.softmax(torch.where(empty, torch.zeros_like(w_logits), w_logits), dim=-1)
     cw = integrate_weights(w)
     return sorted_interp(u, cw, t)
 

@@ -264,3 +264,14 @@ def test_golden_inputs_in_float64():
         )
         c64(td, g[f"out_t_dilate_{level}"])
         c64(wd, g[f"out_w_dilate_{level}"])
+
+
+def test_invert_cdf_with_all_weights_zero_is_uniform_not_nan():
+    """A ray whose weights all underflowed to 0 (logits all -inf) samples uniformly."""
+    tt = torch.linspace(0, 1, 9)[None].repeat(2, 1)
+    logits = torch.zeros(2, 8)
+    logits[1] = -torch.inf
+    u = torch.linspace(0, 1 - 1e-6, 5)[None].repeat(2, 1)
+    out = stepfun.invert_cdf(u, tt, logits)
+    assert torch.isfinite(out).all()
+    close(out[1], out[0].numpy())
