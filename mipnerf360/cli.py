@@ -45,37 +45,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mipnerf360: unknown command {cmd!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module, func, _ = COMMANDS[cmd]
+    from mipnerf360.errors import UserError
+
     try:
         result = getattr(importlib.import_module(module), func)(rest)
-    except (FileNotFoundError, *_user_errors()) as e:
-        # Bad input (a missing file, a corrupt archive, a config typo): the message names the
-        # file and the problem; a traceback would only bury it. MIPNERF360_DEBUG=1 shows it.
+    except (FileNotFoundError, UserError) as e:
+        # Bad input (a missing file, a corrupt archive, a config typo, a busy run folder): the
+        # message names the file and the problem; a traceback would only bury it.
+        # MIPNERF360_DEBUG=1 shows it.
         if os.environ.get("MIPNERF360_DEBUG"):
             raise
         print(f"mipnerf360 {cmd}: error: {e}", file=sys.stderr)
-        return 2 if type(e).__name__ == "ConfigError" else 1
+        return getattr(e, "exit_code", 1)
     return int(result or 0)
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """The package's own exception types for bad input (their messages name the culprit)."""
-    from mipnerf360.colmap import ColmapError
-    from mipnerf360.configs import ConfigError
-    from mipnerf360.datasets import DatasetError
-    from mipnerf360.download import DownloadError
-    from mipnerf360.metrics import LPIPSWeightsError
-    from mipnerf360.prepare import PrepareError
-    from mipnerf360.tables import TablesError
-
-    return (
-        ColmapError,
-        ConfigError,
-        DatasetError,
-        DownloadError,
-        LPIPSWeightsError,
-        PrepareError,
-        TablesError,
-    )
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mipnerf360.errors import UserError
+
 __all__ = [
     "CAMERA_MODELS",
     "CAMERA_MODEL_IDS",
@@ -55,7 +57,7 @@ __all__ = [
 ]
 
 
-class ColmapError(ValueError):
+class ColmapError(UserError, ValueError):
     """A COLMAP model file is missing, truncated or malformed."""
 
 

@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from mipnerf360.errors import ConfigError  # noqa: F401 (re-exported: configs.ConfigError)
+
 
 @dataclass
 class MLPConfig:
@@ -120,10 +122,6 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)  # network and sampling
     train: TrainConfig = field(default_factory=TrainConfig)  # optimisation
     eval: EvalConfig = field(default_factory=EvalConfig)  # rendering and metrics
-
-
-class ConfigError(ValueError):
-    """A config file or override names an unknown key or holds a bad value."""
 
 
 # ----------------------------------------------------------------------------- presets

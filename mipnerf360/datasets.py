@@ -31,6 +31,7 @@ from PIL import Image as PILImage
 
 from mipnerf360 import camera, colmap
 from mipnerf360.configs import DataConfig
+from mipnerf360.errors import UserError
 
 __all__ = [
     "DatasetError",
@@ -49,7 +50,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 RAY_KEYS = ("origins", "directions", "viewdirs", "radii", "near", "far")
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A scene on disk is incomplete or inconsistent (the message names the file)."""
 
 

@@ -31,10 +31,12 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path
 
+from mipnerf360.errors import UserError
+
 CHUNK = 1 << 20
 
 
-class DownloadError(RuntimeError):
+class DownloadError(UserError, RuntimeError):
     """A download, checksum or archive problem; the message names the file."""
 
 

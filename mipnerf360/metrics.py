@@ -20,6 +20,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from mipnerf360.errors import UserError
+
 # torchvision's ImageNet weight files the lpips package loads (under $TORCH_HOME/hub/checkpoints).
 LPIPS_BACKBONE_FILES = {
     "alex": "alexnet-owt-7be5be79.pth",
@@ -203,7 +205,7 @@ def color_correct(img, ref, num_iters: int = 5, eps: float = 0.5 / 255):
 _LPIPS_CACHE: dict = {}
 
 
-class LPIPSWeightsError(RuntimeError):
+class LPIPSWeightsError(UserError, RuntimeError):
     """The LPIPS backbone (torchvision ImageNet) weights could not be loaded."""
 
 

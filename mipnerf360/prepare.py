@@ -32,9 +32,10 @@ from pathlib import Path
 import numpy as np
 
 from mipnerf360 import configs
+from mipnerf360.errors import UserError
 
 
-class PrepareError(ValueError):
+class PrepareError(UserError, ValueError):
     """The scene cannot be prepared; the message names the file or folder."""
 
 

@@ -25,6 +25,8 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from mipnerf360.errors import UserError
+
 PUBLISHED_FILE = Path(__file__).with_name("published.yaml")
 
 # column -> (header in md/tex, number format)
@@ -48,7 +50,7 @@ COLUMNS = {
 METRICS = ("psnr", "ssim", "lpips")
 
 
-class TablesError(ValueError):
+class TablesError(UserError, ValueError):
     """A missing or malformed results file; the message names it."""
 
 
