@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
 from mipnerf360.errors import ConfigError  # noqa: F401 (re-exported: configs.ConfigError)
+
+# LPIPS backbones (the `lpips` package's AlexNet and VGG variants), in table order.
+LPIPS_NETS = ("alex", "vgg")
 
 
 @dataclass
@@ -102,8 +104,7 @@ class TrainConfig:
     log_every: int = 100  # steps between metric-log rows
     time_limit_s: float = 0.0  # stop training after this wall time (0 = no limit)
     compile: str = "auto"  # torch.compile: 'auto' (where faster), 'on' or 'off'
-    mixed_precision: bool = False  # CUDA only: bf16 autocast for the MLPs
-    tf32: bool = False  # CUDA only: allow TF32 matmuls
+    precision: str = "fp32"  # 'fp32', 'tf32' (CUDA TF32 matmuls) or 'bf16' (autocast)
 
 
 @dataclass
@@ -112,7 +113,7 @@ class EvalConfig:
     quantize_metrics: bool = True  # round renders to 8 bit before metrics
     crop_borders: int = 0  # pixels cropped from every side before metrics
     lpips: bool = True  # compute LPIPS (needs the backbone weights)
-    lpips_nets: list[str] = field(default_factory=lambda: ["alex", "vgg"])  # LPIPS backbones
+    lpips_nets: list[str] = field(default_factory=lambda: list(LPIPS_NETS))  # LPIPS backbones
     max_test_images: int = 0  # evaluate at most this many test images (0 = all)
 
 
@@ -122,6 +123,98 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)  # network and sampling
     train: TrainConfig = field(default_factory=TrainConfig)  # optimisation
     eval: EvalConfig = field(default_factory=EvalConfig)  # rendering and metrics
+
+
+# ----------------------------------------------------------------------------- validation
+
+# The allowed values of every choice field (None = the YAML null). tests/test_configs.py
+# checks each list against the code that implements the choices.
+CHOICES: dict[str, tuple] = {
+    "data.dataset_type": ("colmap", "llff", "blender"),
+    "model.raydist_fn": (None, "reciprocal", "log", "exp", "sqrt", "square", "piecewise"),
+    "model.ray_shape": ("cone", "cylinder"),
+    "model.*.warp_fn": (None, "contract"),
+    "model.*.basis_shape": ("icosahedron", "octahedron"),
+    "train.batching": ("all_images", "single_image"),
+    "train.data_loss_type": ("charb", "mse"),
+    "train.compile": ("auto", "on", "off"),
+    "train.precision": ("fp32", "tf32", "bf16"),
+}
+
+# (key, test, what it must be); `*` matches either MLP (prop_mlp, nerf_mlp).
+_RANGES: tuple = (
+    ("data.factor", lambda v: v >= 0, ">= 0"),
+    ("data.near", lambda v: v >= 0, ">= 0"),
+    ("data.llffhold", lambda v: v >= 1, ">= 1"),
+    ("data.render_path_frames", lambda v: v >= 1, ">= 1"),
+    ("model.num_levels", lambda v: v >= 1, ">= 1"),
+    ("model.num_prop_samples", lambda v: v >= 1, ">= 1"),
+    ("model.num_nerf_samples", lambda v: v >= 1, ">= 1"),
+    ("model.*.net_depth", lambda v: v >= 1, ">= 1"),
+    ("model.*.net_width", lambda v: v >= 1, ">= 1"),
+    ("model.*.bottleneck_width", lambda v: v >= 1, ">= 1"),
+    ("model.*.net_depth_viewdirs", lambda v: v >= 1, ">= 1"),
+    ("model.*.net_width_viewdirs", lambda v: v >= 1, ">= 1"),
+    ("model.*.min_deg_point", lambda v: v >= 0, ">= 0"),
+    ("model.*.deg_view", lambda v: v >= 0, ">= 0"),
+    ("model.*.skip_layer", lambda v: v >= 1, ">= 1"),
+    ("model.*.skip_layer_dir", lambda v: v >= 1, ">= 1"),
+    ("model.*.basis_subdivisions", lambda v: v >= 1, ">= 1"),
+    ("train.max_steps", lambda v: v >= 1, ">= 1"),
+    ("train.batch_size", lambda v: v >= 1, ">= 1"),
+    ("train.checkpoint_every", lambda v: v >= 1, ">= 1"),
+    ("train.log_every", lambda v: v >= 1, ">= 1"),
+    ("train.time_limit_s", lambda v: v >= 0, ">= 0"),
+    ("train.lr_init", lambda v: v > 0, "> 0"),
+    ("train.lr_final", lambda v: v > 0, "> 0"),
+    ("train.lr_delay_steps", lambda v: v >= 0, ">= 0"),
+    ("train.lr_delay_mult", lambda v: v > 0, "> 0"),
+    ("train.adam_beta1", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("train.adam_beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("train.adam_eps", lambda v: v >= 0, ">= 0"),
+    ("train.charb_padding", lambda v: v >= 0, ">= 0"),
+    ("train.grad_max_norm", lambda v: v >= 0, ">= 0"),
+    ("train.grad_max_val", lambda v: v >= 0, ">= 0"),
+    ("eval.chunk_size", lambda v: v >= 1, ">= 1"),
+    ("eval.crop_borders", lambda v: v >= 0, ">= 0"),
+    ("eval.max_test_images", lambda v: v >= 0, ">= 0"),
+)
+
+
+def _values(cfg: Config, pattern: str) -> list[tuple[str, Any]]:
+    """[(key, value)] of the fields that ``pattern`` names (``*`` = either MLP)."""
+    sections, name = pattern.split(".")[:-1], pattern.split(".")[-1]
+    nodes: list[tuple[str, Any]] = [("", cfg)]
+    for part in sections:
+        if part == "*":
+            nodes = [
+                (f"{k}{m}.", getattr(n, m)) for k, n in nodes for m in ("prop_mlp", "nerf_mlp")
+            ]
+        else:
+            nodes = [(f"{k}{part}.", getattr(n, part)) for k, n in nodes]
+    return [(f"{k}{name}", getattr(n, name)) for k, n in nodes]
+
+
+def validate(cfg: Config) -> Config:
+    """Check every choice field against its allowed values and every range; ConfigError
+    naming the key otherwise. Called wherever a config is built (get_config, from_dict)."""
+    for pattern, allowed in CHOICES.items():
+        for key, v in _values(cfg, pattern):
+            if v not in allowed:
+                shown = ", ".join("null" if a is None else repr(a) for a in allowed)
+                raise ConfigError(f"{key}: {v!r} is not one of {shown}")
+    for pattern, ok, what in _RANGES:
+        for key, v in _values(cfg, pattern):
+            if not ok(v):
+                raise ConfigError(f"{key} must be {what}, got {v}")
+    if not cfg.data.far > cfg.data.near:
+        raise ConfigError(
+            f"data.far must be > data.near, got far={cfg.data.far} <= near={cfg.data.near}"
+        )
+    for net in cfg.eval.lpips_nets:
+        if net not in LPIPS_NETS:
+            raise ConfigError(f"eval.lpips_nets: {net!r} is not one of {', '.join(LPIPS_NETS)}")
+    return cfg
 
 
 # ----------------------------------------------------------------------------- presets
@@ -151,7 +244,6 @@ def _preset_blender(width: int) -> Config:
     t = c.train
     t.batching, t.data_loss_type = "single_image", "mse"
     t.distortion_loss_mult, t.adam_eps = 0.0, 1e-8
-    c.eval.chunk_size = 16384
     return c
 
 
@@ -249,6 +341,8 @@ def _coerce(value: Any, current: Any, ftype: Any, key: str) -> Any:
         return value
     if tname == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if tname.startswith("str") and isinstance(value, bool) and key.endswith("compile"):
+        return "on" if value else "off"  # YAML 1.1 reads on/off as booleans
     if tname.startswith("str") and isinstance(value, str):
         return value
     if tname.startswith("list") and isinstance(value, list):
@@ -266,6 +360,9 @@ def update(cfg: Any, values: dict, prefix: str = "") -> Any:
         if k not in fields:
             raise ConfigError(f"unknown config key {key!r}; valid keys here: {sorted(fields)}")
         cur = getattr(cfg, k)
+        if isinstance(v, dict) and not dataclasses.is_dataclass(cur):
+            sub = next(iter(v), "")
+            raise ConfigError(f"{key}.{sub}: {key} is a value, not a section")
         if dataclasses.is_dataclass(cur):
             if not isinstance(v, dict):
                 raise ConfigError(f"{key}: expected a mapping, got {v!r}")
@@ -329,7 +426,7 @@ def get_config(
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
     update(cfg, parse_overrides(list(overrides)))
-    return cfg
+    return validate(cfg)
 
 
 def to_dict(cfg: Config) -> dict:
@@ -338,18 +435,14 @@ def to_dict(cfg: Config) -> dict:
 
 def from_dict(data: dict) -> Config:
     """Inverse of to_dict (fields not present keep their defaults)."""
-    return update(Config(), data)
+    return validate(update(Config(), data))
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML, atomically."""
-    path = os.fspath(path)
-    d = os.path.dirname(path) or "."
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".yaml")
-    with os.fdopen(fd, "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-    os.replace(tmp, path)
+    from mipnerf360 import io
+
+    io.write_yaml(path, to_dict(cfg))
 
 
 def load_config(path: str | os.PathLike) -> Config:

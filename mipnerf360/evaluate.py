@@ -29,13 +29,9 @@ import numpy as np
 import torch
 
 from mipnerf360 import configs
-from mipnerf360.train import (
-    atomic_write_bytes,
-    load_trained,
-    resolve_device,
-    write_csv,
-    write_json,
-)
+from mipnerf360.io import write_bytes as atomic_write_bytes
+from mipnerf360.io import write_csv, write_json
+from mipnerf360.runs import load_trained, resolve_device
 
 DEPTH_KEY = "distance_median"
 LPIPS_MIN_SIZE = 32  # AlexNet's two max-pools before relu5 need >= 31 pixels per side

@@ -21,7 +21,6 @@ Exit codes of ``main``: 0 finished, 2 bad config, 3 NaN/inf loss, 130 SIGINT, 14
 from __future__ import annotations
 
 import argparse
-import csv
 import io
 import json
 import math
@@ -30,7 +29,6 @@ import re
 import resource
 import signal
 import sys
-import tempfile
 import time
 from contextlib import nullcontext
 from typing import Any
@@ -38,6 +36,10 @@ from typing import Any
 import torch
 
 from mipnerf360 import configs
+from mipnerf360.io import torch_save as atomic_torch_save
+from mipnerf360.io import write_bytes as atomic_write_bytes
+from mipnerf360.io import write_csv, write_json
+from mipnerf360.runs import list_checkpoints, load_trained, resolve_device  # noqa: F401
 
 CKPT_RE = re.compile(r"^ckpt_(\d+)\.pt$")
 KEEP_CHECKPOINTS = 2
@@ -45,88 +47,7 @@ EXIT_NAN = 3
 SIGNAL_EXIT = {signal.SIGTERM: 143, signal.SIGINT: 130}
 
 
-# ----------------------------------------------------------------------------- atomic files
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def make_temp(path: str | os.PathLike) -> str:
-    """A new empty temporary file beside ``path`` (same suffix), with normal permissions."""
-    path = os.fspath(path)
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files
-    return tmp
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder."""
-    tmp = make_temp(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
-
-
-def write_csv(path: str | os.PathLike, rows: list[dict]) -> None:
-    """Rows (dicts) to CSV; the header is the union of the keys in first-seen order."""
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=keys)
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
-
-
 # ----------------------------------------------------------------------------- helpers
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """'auto' -> CUDA when available, else CPU; 'cpu' / 'cuda' / 'cuda:N' as given."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was requested but CUDA is not available")
-    return dev
-
-
-def list_checkpoints(ckpt_dir: str | os.PathLike) -> list[tuple[int, str]]:
-    """[(step, path)] of ckpt_<step>.pt files in ``ckpt_dir``, sorted by step."""
-    if not os.path.isdir(ckpt_dir):
-        return []
-    out = []
-    for name in os.listdir(ckpt_dir):
-        m = CKPT_RE.match(name)
-        if m:
-            out.append((int(m.group(1)), os.path.join(ckpt_dir, name)))
-    return sorted(out)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -262,7 +183,7 @@ def train(
     from mipnerf360 import datasets
 
     dev = device if isinstance(device, torch.device) else resolve_device(device)
-    if dev.type == "cuda" and cfg.train.tf32:
+    if dev.type == "cuda" and cfg.train.precision == "tf32":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     os.makedirs(out_dir, exist_ok=True)
@@ -322,7 +243,7 @@ def train(
     step_fn = _step_fn(model, optimizer, cfg)
     amp = (
         torch.autocast("cuda", dtype=torch.bfloat16)
-        if dev.type == "cuda" and t.mixed_precision
+        if dev.type == "cuda" and t.precision == "bf16"
         else nullcontext()
     )
     tb = _tensorboard_writer(os.path.join(out_dir, "tb"))
@@ -431,27 +352,6 @@ def train(
     }
     atomic_torch_save(final, final_path)
     return summary
-
-
-def load_trained(train_dir: str, device: str | torch.device = "cpu"):
-    """(model in eval mode, cfg, model.pt dict) from a finished training folder."""
-    from mipnerf360 import model as model_lib
-
-    path = os.path.join(train_dir, "model.pt")
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"{path} not found: training in {train_dir} has not finished (or the path is wrong)"
-        )
-    dev = device if isinstance(device, torch.device) else resolve_device(device)
-    try:
-        saved = torch.load(path, map_location=dev, weights_only=False)
-    except Exception as e:
-        raise ValueError(f"{path}: cannot read the model file: {e}") from None
-    cfg = configs.from_dict(saved["config"])
-    model = model_lib.build_model(cfg).to(dev)
-    model.load_state_dict(saved["model"])
-    model.eval()
-    return model, cfg, saved
 
 
 # ----------------------------------------------------------------------------- CLI

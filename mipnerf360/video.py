@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from mipnerf360.evaluate import DEPTH_KEY, _numpy, colorize_depth, to_uint8
-from mipnerf360.train import load_trained, make_temp, resolve_device
+from mipnerf360.io import make_temp
+from mipnerf360.runs import load_trained, resolve_device
 
 
 def scaled_pixtocam(pixtocam: np.ndarray, scale: float) -> np.ndarray:
