@@ -195,3 +195,81 @@ def test_corrupt_lpips_weights_error(tmp_path, monkeypatch):
     with pytest.raises(metrics.LPIPSWeightsError, match="unreadable") as ei:
         metrics.get_lpips("alex")
     assert str(ckpt / "alexnet-owt-7be5be79.pth") in str(ei.value)
+
+
+# --------------------------------------------------------------------------- the registry
+
+
+def test_registry_is_consistent():
+    from mipnerf360.configs import LPIPS_NETS
+
+    for key, m in metrics.METRICS.items():
+        assert key == m.name
+        assert m.fmt in (".2f", ".3f") and m.label
+        assert format(1.0, m.fmt)  # a valid format spec
+    lp = [m for m in metrics.METRICS.values() if m.option == "lpips"]
+    assert [m.name for m in lp] == [f"lpips_{n}" for n in LPIPS_NETS]
+    assert all(not m.higher_is_better for m in lp)
+    assert set(metrics.LPIPS_BACKBONE_FILES) == set(LPIPS_NETS)
+    assert metrics.METRICS["psnr"].higher_is_better and metrics.METRICS["ssim"].higher_is_better
+
+
+def test_published_keys_match_published_yaml():
+    """Every key of published.yaml is read by exactly one metric, and no metric points at a
+    key that does not exist (a rename would otherwise show a dash in the tables)."""
+    import yaml
+
+    pub = yaml.safe_load((Path(metrics.__file__).parent / "published.yaml").read_text())
+    keys = {k for entry in pub.values() for s in entry["scenes"].values() for k in s}
+    keys |= {k for entry in pub.values() for k in entry.get("mean", {})}
+    mapped = [m.published_key for m in metrics.METRICS.values() if m.published_key]
+    assert sorted(mapped) == sorted(keys)
+    assert metrics.METRICS["lpips_vgg"].published_key == "lpips"  # see published.yaml's header
+
+
+def test_select_and_compute_metrics_follow_the_registry():
+    rng = np.random.default_rng(3)
+    gt = rng.uniform(0.1, 0.9, size=(40, 48, 3))
+    pred = np.clip(0.7 * gt + 0.2 + rng.normal(0, 0.01, gt.shape), 0, 1)  # a colour shift
+    assert [m.name for m in metrics.select()] == ["psnr", "ssim"]
+    assert [m.name for m in metrics.select(["vgg"], color_correct=True)] == [
+        "psnr",
+        "ssim",
+        "lpips_vgg",
+        "cc_psnr",
+        "cc_ssim",
+    ]
+    with pytest.raises(ValueError, match="squeeze"):
+        metrics.select(["squeeze"])
+    m = metrics.compute_metrics(pred, gt, lpips_nets=(), color_correct=True)
+    assert list(m) == ["psnr", "ssim", "cc_psnr", "cc_ssim"]
+    # Colour correction undoes the affine colour shift: only the noise (and 8 bit) remain.
+    cc = np.round(metrics.color_correct(pred, gt).astype(np.float64) * 255) / 255
+    assert m["cc_psnr"] == pytest.approx(float(metrics.mse_to_psnr(np.mean((cc - gt) ** 2))))
+    assert m["cc_ssim"] == pytest.approx(float(metrics.ssim(cc, gt)))
+    assert m["cc_psnr"] > m["psnr"] + 8 and m["cc_ssim"] > m["ssim"]
+    assert metrics.METRICS["psnr"].format(31.234) == "31.23"
+    assert metrics.METRICS["ssim"].format(None) == "–"
+
+
+def test_cc_metrics_crop_and_quantise_like_multinerf():
+    """multinerf eval.py: colour-correct the float render on the full image, then quantise,
+    then crop render, corrected render and ground truth alike."""
+    rng = np.random.default_rng(4)
+    gt = rng.uniform(0.1, 0.9, size=(30, 36, 3))
+    pred = np.clip(0.8 * gt + 0.1 + rng.normal(0, 0.02, gt.shape), 0, 1)
+    pair = metrics.prepare_pair(pred, gt, quantize=True, crop_borders=2, color_correct=True)
+    cc = metrics.color_correct(pred, gt).astype(np.float64)
+    np.testing.assert_array_equal(pair.pred_cc, (np.round(cc * 255) / 255)[2:-2, 2:-2])
+    np.testing.assert_array_equal(pair.pred, (np.round(pred * 255) / 255)[2:-2, 2:-2])
+    np.testing.assert_array_equal(pair.gt, gt[2:-2, 2:-2])
+    assert metrics.prepare_pair(pred, gt).pred_cc is None
+
+
+def test_mse_to_psnr_numpy_and_torch():
+    mse = np.array([1e-2, 1e-3])
+    np.testing.assert_allclose(metrics.mse_to_psnr(mse), [20.0, 30.0])
+    t = torch.tensor([1e-2, 1e-3], requires_grad=True)
+    out = metrics.mse_to_psnr(t)
+    assert isinstance(out, torch.Tensor) and out.requires_grad
+    np.testing.assert_allclose(out.detach().numpy(), [20.0, 30.0], rtol=1e-6)
