@@ -316,7 +316,15 @@ def ensure_downsampled(scene_dir: str | os.PathLike, factor: int) -> Path:
     if target.is_dir() and _stamp_matches(target, _source_stamp(source, factor)):
         return target
     print(f"making {target} from {source} (factor {factor})", file=sys.stderr)
-    return downsample_folder(source, target, factor)
+    try:
+        return downsample_folder(source, target, factor)
+    except DatasetError:
+        raise
+    except UserError as e:  # the cache folder is not writable
+        raise DatasetError(
+            f"{e} (the scene has no {own.name}/; set {CACHE_ENV} to a writable folder for "
+            "our copy, or run `mipnerf360 prepare`)"
+        ) from None
 
 
 def _load_image_stack(paths: list[Path], what: str) -> tuple[np.ndarray, float]:
