@@ -111,12 +111,14 @@ def render_views(
     """
     from mipnerf360 import datasets
     from mipnerf360 import model as model_lib
-    from mipnerf360.evaluate import apply_eval_overrides
+    from mipnerf360.evaluate import apply_eval_overrides, parse_eval_overrides
 
+    # Bad settings, devices and models fail before the output folder is touched.
+    eval_updates = parse_eval_overrides(overrides)
     dev = resolve_device(device)
+    model, cfg, saved = load_trained(train_dir, dev)
+    cfg = apply_eval_overrides(cfg, eval_updates)
     with run_lock(out_dir, "render"):
-        model, cfg, saved = load_trained(train_dir, dev)
-        cfg = apply_eval_overrides(cfg, overrides)
         scene = datasets.load_scene(scene_dir, cfg.data)
         indices = [int(i) for i in (scene.i_test if split == "test" else scene.i_train)]
         if cfg.eval.max_test_images > 0:

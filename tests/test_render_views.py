@@ -90,7 +90,7 @@ def test_non_eval_override_is_a_config_error(trained, tmp_path, override, key):
     scene, run = trained
     with pytest.raises(ConfigError, match=key):
         render_views.main([run, scene, str(tmp_path / "r"), override])
-    assert not (tmp_path / "r" / "renders.json").exists()
+    assert not (tmp_path / "r").exists()  # nothing created before the settings are checked
 
 
 def test_second_render_of_one_folder_fails_naming_the_holder(trained, tmp_path):
@@ -116,6 +116,7 @@ def test_truncated_model_is_one_error(trained, tmp_path):
     (bad / "model.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(UserError, match="model.pt"):
         render_views.main([str(bad), scene, str(tmp_path / "r")])
+    assert not (tmp_path / "r").exists()
 
 
 def test_bare_state_dict_is_one_error(trained, tmp_path):
