@@ -2,49 +2,69 @@
 
 Counterpart of multinerf's ``train.py``: random rays from all training images, one
 optimizer step per iteration with all losses (``train_utils.train_step``), annealing from
-``step / max_steps``, the learning-rate schedule and per-MLP gradient clipping (reference
-spec, section 10).
+``step / max_steps``, the learning-rate schedule and per-MLP gradient clipping.
 
-Outputs in OUT_DIR (each written atomically: temporary name, then ``os.replace``)::
+What a run is, and when it may be continued, is decided here with ``runs``: a run's
+identity is the fingerprint of its scene data and training-relevant config, stored in
+every checkpoint and in ``model.pt``.
+
+- Without ``--resume`` a fresh run starts at step 0. A run already in OUT_DIR is moved to
+  ``OUT_DIR/previous/`` (nothing is deleted), and moved back if the new run fails before
+  its first checkpoint.
+- ``--resume`` continues the newest readable checkpoint of the same identity; a run that
+  already reached ``max_steps`` re-emits every output and exits 0 (finishing is
+  idempotent). A checkpoint of another identity is an error naming the keys that differ,
+  unless ``--restart-on-change`` is given: then the old run is moved aside and a fresh run
+  starts (what the workflow's train rule does).
+- One process writes OUT_DIR at a time (``runs.run_lock``).
+
+Outputs in OUT_DIR (each written atomically through ``io``)::
 
     config.yaml               resolved config
-    checkpoints/ckpt_<step>.pt  model + optimizer + step + RNG states (last 2 kept)
+    checkpoints/ckpt_<step>.pt  model + optimizer + step + RNG states + identity (last 2)
     metrics.csv               one row every train.log_every steps
     curves.png                PSNR and loss against step
-    summary.json              wall time, steps/s, rays/s, peak memory, ...
-    model.pt                  final weights + config; written last ("training finished")
+    summary.json              wall time, steps/s, rays/s, peak memory, identity, ...
+    model.pt                  final weights + config + identity; written last
     tb/                       TensorBoard events (when tensorboard is installed)
 
-Exit codes of ``main``: 0 finished, 2 bad config, 3 NaN/inf loss, 130 SIGINT, 143 SIGTERM.
+Exit codes (``cli.main``): 0 finished, 1 bad input, 2 bad config, 3 NaN/inf loss,
+130 SIGINT, 143 SIGTERM.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
+import dataclasses
+import hashlib
+import io as _bytes_io
 import json
-import math
 import os
-import re
 import resource
+import shutil
 import signal
 import sys
 import time
 from contextlib import nullcontext
 from typing import Any
 
+import numpy as np
 import torch
 
-from mipnerf360 import configs
-from mipnerf360.io import torch_save as atomic_torch_save
-from mipnerf360.io import write_bytes as atomic_write_bytes
-from mipnerf360.io import write_csv, write_json
-from mipnerf360.runs import list_checkpoints, load_trained, resolve_device  # noqa: F401
+from mipnerf360 import configs, io, runs
+from mipnerf360.errors import ConfigError, UserError
 
-CKPT_RE = re.compile(r"^ckpt_(\d+)\.pt$")
 KEEP_CHECKPOINTS = 2
 EXIT_NAN = 3
 SIGNAL_EXIT = {signal.SIGTERM: 143, signal.SIGINT: 130}
+
+
+class TrainingStopped(UserError):
+    """Training stopped early (signal, NaN); ``exit_code`` tells the scheduler why."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -58,18 +78,32 @@ def peak_memory_mb(device: torch.device) -> float:
     return kb / 1024.0
 
 
+def scene_fingerprint(scene: Any) -> str:
+    """Content hash of the loaded scene: images, poses, intrinsics, split, bounds."""
+    h = hashlib.blake2b(digest_size=16)
+    for arr in (
+        scene.images,
+        scene.camtoworlds,
+        scene.pixtocams,
+        scene.distortion,
+        scene.i_train,
+        scene.i_test,
+        scene.pixtocam_ndc,
+    ):
+        if arr is not None:
+            a = np.ascontiguousarray(arr)
+            h.update(f"{a.dtype}{a.shape}".encode())
+            h.update(a.tobytes())
+    h.update(json.dumps([scene.camtype, scene.near, scene.far, list(scene.names)]).encode())
+    return h.hexdigest()
+
+
 def check_manifest(scene: Any, manifest_path: str) -> None:
     """Check the loaded scene's train/test split against a prepare-step manifest JSON."""
-    try:
-        with open(manifest_path) as f:
-            manifest = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"manifest not found: {manifest_path}") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{manifest_path}: not valid JSON: {e}") from None
+    manifest = io.read_json(manifest_path)
     split = manifest.get("split") if isinstance(manifest, dict) else None
     if not isinstance(split, dict) or "train" not in split or "test" not in split:
-        raise ValueError(f"{manifest_path}: expected a 'split' with 'train' and 'test' lists")
+        raise UserError(f"{manifest_path}: expected a 'split' with 'train' and 'test' lists")
     names = list(scene.names)
     for part, idx in (("train", scene.i_train), ("test", scene.i_test)):
         got = [names[int(i)] for i in idx]
@@ -77,7 +111,7 @@ def check_manifest(scene: Any, manifest_path: str) -> None:
         if got != want:
             missing = sorted(set(want) - set(got))[:5]
             extra = sorted(set(got) - set(want))[:5]
-            raise ValueError(
+            raise UserError(
                 f"{manifest_path}: the {part} split of the loaded scene ({len(got)} images) "
                 f"does not match the manifest ({len(want)} images); in the manifest only: "
                 f"{missing}, loaded only: {extra}"
@@ -100,10 +134,10 @@ def plot_curves(rows: list[dict], path: str | os.PathLike) -> None:
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    buf = io.BytesIO()
+    buf = _bytes_io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    io.write_bytes(path, buf.getvalue())
 
 
 def _tensorboard_writer(log_dir: str):
@@ -137,32 +171,270 @@ class _SignalFlag:
             signal.signal(s, h)
 
 
-# ----------------------------------------------------------------------------- training
+# ----------------------------------------------------------------------------- run state
 
 
-class TrainingStopped(Exception):
-    """Training stopped early; ``exit_code`` tells the scheduler why."""
+@dataclasses.dataclass
+class Run:
+    """Everything the loop mutates; what a checkpoint saves and restores."""
 
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code
+    out_dir: str
+    cfg: configs.Config
+    identity: dict
+    device: torch.device
+    model: torch.nn.Module
+    optimizer: Any
+    sampler: Any
+    generator: torch.Generator
+    step: int = 0
+    prior_wall: float = 0.0  # training wall time of earlier segments of this run
+    rows: list = dataclasses.field(default_factory=list)
+    preset: str | None = None
+    t0: float | None = None  # when this process started training (None: not started)
+
+    @property
+    def ckpt_dir(self) -> str:
+        return os.path.join(self.out_dir, "checkpoints")
+
+    def wall(self) -> float:
+        """Training wall time of the run so far, over all its segments."""
+        now = time.perf_counter()
+        return self.prior_wall + (now - self.t0 if self.t0 is not None else 0.0)
+
+    def state(self) -> dict:
+        return {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "sampler": self.sampler.get_state(),
+            "generator": self.generator.get_state(),
+            "config": configs.to_dict(self.cfg),
+            "identity": self.identity,
+            "wall_time_s": self.wall(),
+            "rows": self.rows,
+        }
+
+    def restore(self, ckpt: dict) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.sampler.set_state(ckpt["sampler"])
+        self.generator.set_state(ckpt["generator"].cpu())
+        self.step, self.prior_wall = ckpt["step"], ckpt.get("wall_time_s", 0.0)
+        self.rows = ckpt.get("rows", [])
+
+    def save_checkpoint(self) -> None:
+        """ckpt_<step>.pt (and config.yaml beside it); keeps the newest KEEP_CHECKPOINTS."""
+        io.torch_save(self.state(), os.path.join(self.ckpt_dir, f"ckpt_{self.step}.pt"))
+        configs.save_config(self.cfg, os.path.join(self.out_dir, "config.yaml"))
+        for _, old in runs.list_checkpoints(self.ckpt_dir)[:-KEEP_CHECKPOINTS]:
+            os.unlink(old)
 
 
-def _build(cfg: configs.Config, device: torch.device):
+def _build_run(out_dir, cfg, scene, identity, dev, preset) -> Run:
+    from mipnerf360 import datasets, train_utils
     from mipnerf360 import model as model_lib
-    from mipnerf360 import train_utils
 
-    torch.manual_seed(cfg.train.seed)
-    model = model_lib.build_model(cfg).to(device)
+    t = cfg.train
+    torch.manual_seed(t.seed)
+    model = model_lib.build_model(cfg).to(dev)
     optimizer = train_utils.create_optimizer(model, cfg)
-    return model, optimizer
+    sampler = datasets.RaySampler(scene, t.batch_size, dev, t.seed, t.batching)
+    generator = torch.Generator(device=dev)
+    generator.manual_seed(t.seed + 1)
+    return Run(out_dir, cfg, identity, dev, model, optimizer, sampler, generator, preset=preset)
 
 
-def _step_fn(model, optimizer, cfg: configs.Config):
-    """The per-step function; train_utils compiles the MLPs per train.compile ('auto': CUDA)."""
+def _saved_run(out_dir: str) -> tuple[dict, str] | None:
+    """(the state to continue from, its path): the newest readable checkpoint, else a
+    finished model.pt (whose checkpoints were deleted), else None."""
+    found = runs.load_newest_checkpoint(os.path.join(out_dir, "checkpoints"))
+    if found is not None:
+        return found
+    final = os.path.join(out_dir, "model.pt")
+    if os.path.exists(final):
+        saved = runs._torch_load(final)
+        if isinstance(saved, dict) and "model" in saved:
+            return saved, final
+    return None
+
+
+def _start(run: Run, *, resume: bool, restart_on_change: bool) -> str | None:
+    """Restore ``run`` from OUT_DIR or move the old run aside; the moved-aside path."""
+    out_dir = run.out_dir
+    saved = _saved_run(out_dir) if resume else None
+    if saved is not None:
+        state, path = saved
+        diff = runs.identity_diff(state.get("identity"), run.identity)
+        if not diff:
+            if "optimizer" not in state:  # model.pt whose checkpoints were deleted
+                raise UserError(
+                    f"{path}: the checkpoints of this run are gone, so it cannot be continued "
+                    "or its outputs re-written; use it as it is, or train again without --resume"
+                )
+            run.restore(state)
+            print(f"resumed from {path} at step {run.step}", file=sys.stderr)
+            return None
+        if not restart_on_change:
+            raise ConfigError(
+                f"{path} belongs to another run ({'; '.join(diff)}); run without --resume to "
+                f"start over (the old run is moved to {out_dir}/{runs.PREVIOUS_DIR}/), or "
+                "restore the old settings"
+            )
+        print(f"{out_dir}: settings or data changed ({'; '.join(diff)})", file=sys.stderr)
+    if not runs.has_run(out_dir):
+        return None
+    old_id = (saved[0].get("identity") or {}).get("id", "old") if saved else "old"
+    moved = runs.move_aside(out_dir, old_id)
+    if moved:
+        print(f"fresh run: the previous run in {out_dir} was moved to {moved}", file=sys.stderr)
+    return moved
+
+
+def _restore_previous(out_dir: str, moved: str) -> None:
+    """Undo ``move_aside`` after a fresh run failed before its first checkpoint."""
+    if runs.list_checkpoints(os.path.join(out_dir, "checkpoints")):
+        return  # the new run has state of its own: keep both
+    for name in (*runs.RUN_FILES, *runs.RUN_DIRS):
+        new = os.path.join(out_dir, name)
+        if os.path.isdir(new) and not os.path.islink(new):
+            shutil.rmtree(new, ignore_errors=True)
+        elif os.path.exists(new):
+            os.unlink(new)
+        if os.path.exists(os.path.join(moved, name)):
+            os.replace(os.path.join(moved, name), new)
+    os.rmdir(moved)
+    print(f"the previous run was moved back from {moved}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _log_row(run: Run, stats: dict, steps_per_s: float, tb) -> None:
+    t = run.cfg.train
+    row = {"step": run.step, **stats, "steps_per_s": steps_per_s}
+    row["rays_per_s"] = steps_per_s * t.batch_size
+    row["wall_time_s"] = run.wall()
+    run.rows.append(row)
+    io.write_csv(os.path.join(run.out_dir, "metrics.csv"), run.rows)
+    if tb is not None:
+        for k, v in row.items():
+            if k != "step":
+                tb.add_scalar(f"train/{k}", v, run.step)
+
+
+def _loop(run: Run, progress: bool) -> str:
+    """Train until max_steps, the time limit or a signal; returns the stop reason."""
     from mipnerf360 import train_utils
 
-    return train_utils.make_train_step(model, optimizer, cfg)
+    t = run.cfg.train
+    dev = run.device
+    step_fn = train_utils.make_train_step(run.model, run.optimizer, run.cfg)
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16) if t.precision == "bf16" else nullcontext()
+    tb = _tensorboard_writer(os.path.join(run.out_dir, "tb"))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=t.max_steps, initial=run.step, desc="train", dynamic_ncols=True)
+    interval_t, interval_steps = time.perf_counter(), 0
+    reason = "max_steps"
+    try:
+        with _SignalFlag() as flag:
+            while run.step < t.max_steps:
+                batch = run.sampler.sample()
+                try:
+                    with amp:
+                        stats = step_fn(batch, run.step + 1, run.generator)
+                except FloatingPointError as e:
+                    raise TrainingStopped(
+                        f"non-finite loss at step {run.step + 1}: {e}; last good checkpoint "
+                        f"kept in {run.ckpt_dir}",
+                        EXIT_NAN,
+                    ) from None
+                run.step += 1
+                interval_steps += 1
+                stats = {k: float(v) for k, v in stats.items()}
+                if not all(np.isfinite(stats.get(k, 0.0)) for k in ("loss", "data")):
+                    raise TrainingStopped(
+                        f"non-finite loss at step {run.step}; last good checkpoint kept in "
+                        f"{run.ckpt_dir}",
+                        EXIT_NAN,
+                    )
+                out_of_time = t.time_limit_s > 0 and run.wall() >= t.time_limit_s
+                stopping = out_of_time or flag.signum is not None or run.step == t.max_steps
+                if run.step % t.log_every == 0 or stopping:
+                    now = time.perf_counter()
+                    _log_row(run, stats, interval_steps / max(now - interval_t, 1e-9), tb)
+                    interval_t, interval_steps = now, 0
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{stats['loss']:.4f}", psnr=f"{stats['psnr']:.2f}")
+                if bar is not None:
+                    bar.update(1)
+                if run.step % t.checkpoint_every == 0 and run.step < t.max_steps:
+                    run.save_checkpoint()
+                if flag.signum is not None:
+                    run.save_checkpoint()
+                    name = signal.Signals(flag.signum).name
+                    raise TrainingStopped(
+                        f"{name} received: checkpoint written at step {run.step}",
+                        SIGNAL_EXIT[flag.signum],
+                    )
+                if out_of_time:
+                    reason = "time_limit"
+                    break
+    finally:
+        if bar is not None:
+            bar.close()
+        if tb is not None:
+            tb.close()
+    return reason
+
+
+def _finish(run: Run, reason: str, num_params: int) -> dict:
+    """Final checkpoint, then every output; the same outputs when called again."""
+    t = run.cfg.train
+    run.prior_wall, run.t0 = run.wall(), None  # stop the clock: the summary and the final
+    wall = run.wall()  # checkpoint record the same time, and a re-emit reports it again
+    ckpts = runs.list_checkpoints(run.ckpt_dir)
+    if not ckpts or ckpts[-1][0] != run.step:
+        run.save_checkpoint()
+    last = run.rows[-1] if run.rows else {}
+    summary = {
+        "wall_time_s": wall,
+        "steps": run.step,
+        # whole-run averages (all segments of a resumed run), so a re-emitted summary of a
+        # finished run reports the same numbers
+        "steps_per_s": run.step / max(wall, 1e-9),
+        "rays_per_s": run.step * t.batch_size / max(wall, 1e-9),
+        "peak_memory_mb": peak_memory_mb(run.device),
+        "device": str(run.device),
+        "preset": run.preset,
+        "batch_size": t.batch_size,
+        "precision": t.precision,
+        "num_params": num_params,
+        "final_train_psnr": last.get("psnr"),
+        "final_loss": last.get("loss"),
+        "stop_reason": reason,
+        "identity": run.identity["id"],
+        "data_fingerprint": run.identity["data"],
+        "torch_version": torch.__version__,
+    }
+    configs.save_config(run.cfg, os.path.join(run.out_dir, "config.yaml"))
+    io.write_csv(os.path.join(run.out_dir, "metrics.csv"), run.rows)
+    plot_curves(run.rows, os.path.join(run.out_dir, "curves.png"))
+    io.write_json(os.path.join(run.out_dir, "summary.json"), summary)
+    # Only what the weights depend on (no timings): an interrupted and resumed run writes
+    # the same bytes as an uninterrupted one.
+    final = {
+        "model": run.model.state_dict(),
+        "config": configs.to_dict(run.cfg),
+        "identity": run.identity,
+        "step": run.step,
+        "train_frac": run.step / t.max_steps,
+        "preset": run.preset,
+    }
+    io.torch_save(final, os.path.join(run.out_dir, "model.pt"))
+    return summary
 
 
 def train(
@@ -171,6 +443,7 @@ def train(
     cfg: configs.Config,
     *,
     resume: bool = False,
+    restart_on_change: bool = False,
     device: str | torch.device = "auto",
     manifest: str | None = None,
     preset: str | None = None,
@@ -178,180 +451,41 @@ def train(
 ) -> dict:
     """Train on ``scene_dir`` into ``out_dir``; returns the summary dict.
 
-    Raises TrainingStopped (with exit code) on a signal or a NaN/inf loss.
+    Raises TrainingStopped (with exit code) on a signal or a NaN/inf loss, UserError on
+    bad input or a folder in use.
     """
     from mipnerf360 import datasets
 
-    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    dev = runs.resolve_device(device)
     if dev.type == "cuda" and cfg.train.precision == "tf32":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    os.makedirs(out_dir, exist_ok=True)
-    ckpt_dir = os.path.join(out_dir, "checkpoints")
-    final_path = os.path.join(out_dir, "model.pt")
-    t = cfg.train
-
     scene = datasets.load_scene(scene_dir, cfg.data)
     if manifest:
         check_manifest(scene, manifest)
-    configs.save_config(cfg, os.path.join(out_dir, "config.yaml"))
-
-    model, optimizer = _build(cfg, dev)
-    sampler = datasets.RaySampler(scene, t.batch_size, dev, t.seed, t.batching)
-    generator = torch.Generator(device=dev)
-    generator.manual_seed(t.seed + 1)
-    num_params = sum(p.numel() for p in model.parameters())
-
-    step, prior_wall, rows = 0, 0.0, []
-    ckpts = list_checkpoints(ckpt_dir)
-    if not resume:  # a fresh run: stale checkpoints / model.pt would be mistaken for its own
-        stale = [p for _, p in ckpts] + [final_path] * os.path.exists(final_path)
-        if stale:
-            print(f"fresh run: removing {len(stale)} old file(s) in {out_dir}", file=sys.stderr)
-        for p in stale:
-            os.unlink(p)
-        ckpts = []
-    if ckpts:
+    identity = runs.make_identity(cfg, scene_fingerprint(scene))
+    with runs.run_lock(out_dir, "train"):
+        for p in runs.clear_leftovers(out_dir):
+            print(f"removed {p} (left by a killed write)", file=sys.stderr)
+        run = _build_run(out_dir, cfg, scene, identity, dev, preset)
+        moved = _start(run, resume=resume, restart_on_change=restart_on_change)
+        num_params = sum(p.numel() for p in run.model.parameters())
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        t = cfg.train
         try:
-            ckpt = torch.load(ckpts[-1][1], map_location="cpu", weights_only=False)
-        except Exception as e:
-            raise ValueError(f"{ckpts[-1][1]}: cannot read the checkpoint: {e}") from None
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        sampler.set_state(ckpt["sampler"])
-        generator.set_state(ckpt["generator"].cpu())
-        step, prior_wall, rows = ckpt["step"], ckpt.get("wall_time_s", 0.0), ckpt.get("rows", [])
-        if ckpt.get("config") != configs.to_dict(cfg):
-            print(f"warning: resuming {ckpts[-1][1]} with a different config", file=sys.stderr)
-        print(f"resumed from {ckpts[-1][1]} at step {step}", file=sys.stderr)
-
-    def save_checkpoint():
-        state = {
-            "step": step,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "sampler": sampler.get_state(),
-            "generator": generator.get_state(),
-            "config": configs.to_dict(cfg),
-            "wall_time_s": prior_wall + (time.perf_counter() - t0),
-            "rows": rows,
-        }
-        atomic_torch_save(state, os.path.join(ckpt_dir, f"ckpt_{step}.pt"))
-        for _, old in list_checkpoints(ckpt_dir)[:-KEEP_CHECKPOINTS]:
-            os.unlink(old)
-
-    step_fn = _step_fn(model, optimizer, cfg)
-    amp = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if dev.type == "cuda" and t.precision == "bf16"
-        else nullcontext()
-    )
-    tb = _tensorboard_writer(os.path.join(out_dir, "tb"))
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=t.max_steps, initial=step, desc="train", dynamic_ncols=True)
-
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    t0 = time.perf_counter()
-    start_step = step
-    last_stats: dict = {}
-    interval_t, interval_steps = time.perf_counter(), 0
-    stop_reason = "max_steps"
-    with _SignalFlag() as flag:
-        while step < t.max_steps:
-            batch = sampler.sample()
-            try:
-                with amp:
-                    stats = step_fn(batch, step + 1, generator)
-            except FloatingPointError as e:
-                raise TrainingStopped(
-                    f"non-finite loss at step {step + 1}: {e}; last good checkpoint kept in "
-                    f"{ckpt_dir}",
-                    EXIT_NAN,
-                ) from None
-            step += 1
-            interval_steps += 1
-            stats = {k: float(v) for k, v in stats.items()}
-            if not all(math.isfinite(stats.get(k, 0.0)) for k in ("loss", "data")):
-                raise TrainingStopped(f"non-finite loss at step {step}", EXIT_NAN)
-            last_stats = stats
-            out_of_time = (
-                t.time_limit_s > 0 and prior_wall + time.perf_counter() - t0 >= t.time_limit_s
-            )
-            stopping = out_of_time or flag.signum is not None or step == t.max_steps
-            if step % t.log_every == 0 or stopping:
-                now = time.perf_counter()
-                sps = interval_steps / max(now - interval_t, 1e-9)
-                interval_t, interval_steps = now, 0
-                row = {"step": step, **stats, "steps_per_s": sps, "rays_per_s": sps * t.batch_size}
-                row["wall_time_s"] = prior_wall + now - t0
-                rows.append(row)
-                write_csv(os.path.join(out_dir, "metrics.csv"), rows)
-                if tb is not None:
-                    for k, v in row.items():
-                        if k != "step":
-                            tb.add_scalar(f"train/{k}", v, step)
-                if bar is not None:
-                    bar.set_postfix(
-                        loss=f"{stats['loss']:.4f}",
-                        psnr=f"{stats.get('psnr', float('nan')):.2f}",
-                        rays_s=f"{sps * t.batch_size:.0f}",
-                    )
-            if bar is not None:
-                bar.update(1)
-            if step % t.checkpoint_every == 0 and step < t.max_steps:
-                save_checkpoint()
-            if flag.signum is not None:
-                save_checkpoint()
-                if bar is not None:
-                    bar.close()
-                name = signal.Signals(flag.signum).name
-                raise TrainingStopped(
-                    f"{name} received: checkpoint written at step {step}",
-                    SIGNAL_EXIT[flag.signum],
-                )
-            if out_of_time:
-                stop_reason = "time_limit"
-                break
-    if bar is not None:
-        bar.close()
-    if tb is not None:
-        tb.close()
-
-    save_checkpoint()
-    wall = prior_wall + time.perf_counter() - t0
-    run_wall = time.perf_counter() - t0
-    steps_run = step - start_step
-    summary = {
-        "wall_time_s": wall,
-        "steps": step,
-        "steps_per_s": steps_run / max(run_wall, 1e-9),
-        "rays_per_s": steps_run * t.batch_size / max(run_wall, 1e-9),
-        "peak_memory_mb": peak_memory_mb(dev),
-        "device": str(dev),
-        "preset": preset,
-        "batch_size": t.batch_size,
-        "num_params": num_params,
-        "final_train_psnr": last_stats.get("psnr"),
-        "final_loss": last_stats.get("loss"),
-        "stop_reason": stop_reason,
-        "torch_version": torch.__version__,
-    }
-    if not rows:  # max_steps reached before this run (e.g. resumed at the last step)
-        write_csv(os.path.join(out_dir, "metrics.csv"), rows)
-    plot_curves(rows, os.path.join(out_dir, "curves.png"))
-    write_json(os.path.join(out_dir, "summary.json"), summary)
-    final = {
-        "model": model.state_dict(),
-        "config": configs.to_dict(cfg),
-        "step": step,
-        "train_frac": step / t.max_steps,
-    }
-    atomic_torch_save(final, final_path)
-    return summary
+            if run.step >= t.max_steps:
+                reason = "max_steps"  # finished earlier: re-emit the outputs
+            elif t.time_limit_s > 0 and run.prior_wall >= t.time_limit_s:
+                reason = "time_limit"
+            else:
+                run.t0 = time.perf_counter()
+                reason = _loop(run, progress)
+        except BaseException:
+            if moved:
+                _restore_previous(out_dir, moved)
+            raise
+        return _finish(run, reason, num_params)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -365,8 +499,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", help="output folder (checkpoints, logs, model.pt)")
     p.add_argument("--preset", default=None, help=f"config preset: {sorted(configs.PRESETS)}")
     p.add_argument("--config", default=None, help="YAML config file (applied after the preset)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in OUT_DIR (same data and settings only); a finished run "
+        "re-emits its outputs",
+    )
+    p.add_argument(
+        "--restart-on-change",
+        action="store_true",
+        help="with --resume: if OUT_DIR holds a run of other data or settings, move it to "
+        "OUT_DIR/previous/ and start from step 0 instead of failing",
+    )
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--manifest", default=None, help="prepare-step JSON; its split must match")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
@@ -378,52 +523,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
-    if args.resume and os.path.exists(os.path.join(args.out_dir, "model.pt")):
-        print(f"{args.out_dir}/model.pt exists: training already finished", file=sys.stderr)
-        return 0
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+    cfg = configs.get_config(args.preset, args.config, args.overrides)
     old_threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        return _main(args)
-    finally:
-        torch.set_num_threads(old_threads)
-
-
-def check_train_config(cfg: configs.Config) -> None:
-    """Values the loop divides by or counts with; raises configs.ConfigError."""
-    t = cfg.train
-    for key in ("max_steps", "batch_size", "checkpoint_every", "log_every"):
-        if getattr(t, key) < 1:
-            raise configs.ConfigError(f"train.{key} must be >= 1, got {getattr(t, key)}")
-    if t.time_limit_s < 0:
-        raise configs.ConfigError(f"train.time_limit_s must be >= 0, got {t.time_limit_s}")
-
-
-def _main(args: argparse.Namespace) -> int:
-    try:
-        cfg = configs.get_config(args.preset, args.config, args.overrides)
-        check_train_config(cfg)
-    except configs.ConfigError as e:
-        print(f"mipnerf360 train: config error: {e}", file=sys.stderr)
-        return 2
     try:
         summary = train(
             args.scene_dir,
             args.out_dir,
             cfg,
             resume=args.resume,
+            restart_on_change=args.restart_on_change,
             device=args.device,
             manifest=args.manifest,
             preset=args.preset,
             progress=not args.no_progress,
         )
-    except TrainingStopped as e:
-        print(f"mipnerf360 train: {e}", file=sys.stderr)
-        return e.exit_code
+    finally:
+        torch.set_num_threads(old_threads)
     print(json.dumps(summary, indent=2))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mipnerf360 import cli
+
+    sys.exit(cli.main(["train", *sys.argv[1:]]))

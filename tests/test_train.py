@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from mipnerf360 import configs, datasets, evaluate, synthetic, train
+from mipnerf360 import cli, configs, datasets, evaluate, runs, synthetic, train
 
 # A very small model so a step takes tens of milliseconds on a CPU.
 SMALL = [
@@ -44,7 +44,9 @@ def scene_dir(tmp_path_factory):
 
 
 def _run(scene, out, *extra, preset="cpu"):
-    return train.main([scene, str(out), "--preset", preset, "--no-progress", *SMALL, *extra])
+    """`mipnerf360 train` as the command line runs it (errors -> one line and an exit code)."""
+    args = [str(scene), str(out), "--preset", preset, "--no-progress", *SMALL, *extra]
+    return cli.main(["train", *args])
 
 
 def _params(path):
@@ -98,10 +100,18 @@ def test_outputs_and_resume_equals_straight_run(scene_dir, tmp_path, capsys):
     loss_col = header.index("loss")
     assert [r.split(",")[loss_col] for r in rows_a] == [r.split(",")[loss_col] for r in rows_b]
 
-    # --resume on a finished run exits 0 at once and leaves it alone.
-    mtime = os.stat(a / "model.pt").st_mtime_ns
+    # Interrupted-and-resumed writes the same model.pt bytes as the straight run.
+    assert (a / "model.pt").read_bytes() == (b / "model.pt").read_bytes()
+
+    # --resume on a finished run trains nothing and re-writes the same outputs.
+    before = {n: (a / n).read_bytes() for n in ("model.pt", "metrics.csv", "config.yaml")}
+    summary_before = json.loads((a / "summary.json").read_text())
     assert _run(scene_dir, a, "--resume", *opts) == 0
-    assert os.stat(a / "model.pt").st_mtime_ns == mtime
+    assert "resumed from" in capsys.readouterr().err
+    assert {n: (a / n).read_bytes() for n in before} == before
+    summary_after = json.loads((a / "summary.json").read_text())
+    for key in ("steps", "wall_time_s", "steps_per_s", "rays_per_s", "final_train_psnr"):
+        assert summary_after[key] == summary_before[key], key
 
 
 def test_seeded_runs_are_deterministic(scene_dir, tmp_path):
@@ -134,7 +144,7 @@ def test_signal_writes_checkpoint_and_exits_nonzero(scene_dir, tmp_path, signum,
             proc.kill()
     assert proc.returncode == code, err
     assert signal.Signals(signum).name in err
-    ckpts = train.list_checkpoints(out / "checkpoints")
+    ckpts = runs.list_checkpoints(out / "checkpoints")
     assert len(ckpts) == 1 and ckpts[0][0] >= 1
     assert not (out / "model.pt").exists()
     state = torch.load(ckpts[0][1], weights_only=False)
@@ -149,7 +159,7 @@ def test_nan_loss_stops_naming_the_step(scene_dir, tmp_path, capsys):
     code = _run(scene_dir, tmp_path / "run", *opts)
     err = capsys.readouterr().err
     assert code == train.EXIT_NAN, err
-    ckpts = train.list_checkpoints(tmp_path / "run" / "checkpoints")
+    ckpts = runs.list_checkpoints(tmp_path / "run" / "checkpoints")
     assert ckpts, "the last good checkpoint must stay"
     bad_step = ckpts[-1][0] + 1
     assert f"at step {bad_step}" in err
@@ -166,12 +176,13 @@ def test_unknown_config_key_is_exit_2(scene_dir, tmp_path, capsys):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_bad_scene_dir_names_the_folder(tmp_path):
-    with pytest.raises(datasets.DatasetError, match="nowhere"):
-        _run(str(tmp_path / "nowhere"), tmp_path / "run")
+def test_bad_scene_dir_names_the_folder(tmp_path, capsys):
+    assert _run(str(tmp_path / "nowhere"), tmp_path / "run") == 1
+    err = capsys.readouterr().err
+    assert "nowhere" in err and len(err.strip().splitlines()) == 1
 
 
-def test_manifest_split_and_time_limit(scene_dir, tmp_path):
+def test_manifest_split_and_time_limit(scene_dir, tmp_path, capsys):
     cfg = configs.get_config("cpu")
     scene = datasets.load_scene(scene_dir, cfg.data)
     split = {
@@ -182,8 +193,8 @@ def test_manifest_split_and_time_limit(scene_dir, tmp_path):
     good.write_text(json.dumps({"split": split}))
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"split": {"train": split["train"][1:], "test": split["test"]}}))
-    with pytest.raises(ValueError, match="bad.json.*train split"):
-        _run(scene_dir, tmp_path / "x", "--manifest", str(bad), "train.max_steps=1")
+    assert _run(scene_dir, tmp_path / "x", "--manifest", str(bad), "train.max_steps=1") == 1
+    assert "bad.json: the train split" in capsys.readouterr().err
 
     # Matching manifest; a 1 s time limit ends a 100000-step run early but cleanly.
     out = tmp_path / "run"
@@ -198,7 +209,7 @@ def test_manifest_split_and_time_limit(scene_dir, tmp_path):
     last_row = (out / "metrics.csv").read_text().splitlines()[-1]
     assert int(last_row.split(",")[0]) == steps  # the stopping step is logged
     assert (out / "curves.png").exists()
-    kept = [s for s, _ in train.list_checkpoints(out / "checkpoints")]
+    kept = [s for s, _ in runs.list_checkpoints(out / "checkpoints")]
     assert kept == ([steps - 1, steps] if steps > 1 else [1])  # only the last 2 are kept
 
 
@@ -239,11 +250,178 @@ def test_end_to_end_beats_mean_colour(tmp_path):
         assert (renders / sub / f"{name}.png").exists()
 
 
-def test_fresh_run_replaces_old_checkpoints(scene_dir, tmp_path):
+# ----------------------------------------------------------------------------- run state
+# Issue 9: each test below failed before run identities, the run lock and idempotent
+# finishing existed.
+
+
+def _fast(*extra):
+    return ["train.checkpoint_every=2", "train.log_every=1", *extra]
+
+
+def test_resume_of_finished_run_re_emits_deleted_outputs(scene_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    assert _run(scene_dir, out, "train.max_steps=3", "train.checkpoint_every=1") == 0
-    assert [s for s, _ in train.list_checkpoints(out / "checkpoints")] == [2, 3]
-    # A new run without --resume must not keep (or be pruned in favour of) the old ones.
-    assert _run(scene_dir, out, "train.max_steps=1") == 0
-    assert [s for s, _ in train.list_checkpoints(out / "checkpoints")] == [1]
+    assert _run(scene_dir, out, *_fast("train.max_steps=6")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    weights = (out / "model.pt").read_bytes()
+    for name in ("model.pt", "metrics.csv", "summary.json", "curves.png", "config.yaml"):
+        (out / name).unlink()
+    assert _run(scene_dir, out, "--resume", *_fast("train.max_steps=6")) == 0
+    assert "at step 6" in capsys.readouterr().err
+    assert (out / "model.pt").read_bytes() == weights
+    again = json.loads((out / "summary.json").read_text())
+    assert again["steps_per_s"] > 0 and again["rays_per_s"] > 0
+    assert again["final_train_psnr"] == summary["final_train_psnr"] is not None
+    assert len((out / "metrics.csv").read_text().splitlines()) == 1 + 6
+    assert (out / "curves.png").exists() and (out / "config.yaml").exists()
+
+
+def test_resume_refuses_a_run_of_other_data_and_restarts_on_request(tmp_path, capsys):
+    def scene(seed):
+        return synthetic.generate(
+            tmp_path / f"scene{seed}",
+            kind="360",
+            n_views=6,
+            width=24,
+            height=18,
+            seed=seed,
+            factors=(),
+        )
+
+    out = tmp_path / "run"
+    opts = _fast("train.max_steps=2")
+    scene0, scene1 = scene(0), scene(1)
+    assert _run(scene0, out, *opts) == 0
+    old = (out / "model.pt").read_bytes()
+    capsys.readouterr()
+    # Same settings, other data (a generated scene's seed): not the same run.
+    assert _run(scene1, out, "--resume", *opts) == 2
+    err = capsys.readouterr().err
+    assert "scene data changed" in err and len(err.strip().splitlines()) == 1
+    assert (out / "model.pt").read_bytes() == old  # untouched
+    # --restart-on-change: the old run is moved aside, the new one trains from step 0.
+    assert _run(scene1, out, "--resume", "--restart-on-change", *opts) == 0
+    err = capsys.readouterr().err
+    assert "resumed" not in err and "moved to" in err
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert rows[1].startswith("1,")  # first logged step of the new run
+    (previous,) = (out / "previous").iterdir()
+    assert (previous / "model.pt").read_bytes() == old
+    assert (previous / "checkpoints").is_dir()
+
+
+def test_resume_names_the_settings_that_differ(scene_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _run(scene_dir, out, *_fast("train.max_steps=2")) == 0
+    capsys.readouterr()
+    assert _run(scene_dir, out, "--resume", *_fast("train.max_steps=2", "train.batch_size=32")) == 2
+    err = capsys.readouterr().err
+    assert "train.batch_size: 64 -> 32" in err and "Traceback" not in err
+    width = "model.nerf_mlp.net_width=48"
+    assert _run(scene_dir, out, "--resume", *_fast("train.max_steps=2", width)) == 2
+    err = capsys.readouterr().err
+    assert "model.nerf_mlp.net_width: 32 -> 48" in err and "size mismatch" not in err
+    # Settings outside the identity (eval, cadence, time limit, compile) resume fine.
+    other = _fast("train.max_steps=2", "eval.chunk_size=512", "train.compile=off")
+    assert _run(scene_dir, out, "--resume", *other, "train.log_every=2") == 0
+
+
+def test_fresh_run_moves_a_finished_run_aside_and_back_on_failure(
+    scene_dir, tmp_path, capsys, monkeypatch
+):
+    out = tmp_path / "run"
+    assert _run(scene_dir, out, *_fast("train.max_steps=3")) == 0
+    finished = (out / "model.pt").read_bytes()
+    # A setting the config rejects: nothing in the folder is touched.
+    assert _run(scene_dir, out, "train.data_loss_type=l1") == 2
+    assert (out / "model.pt").read_bytes() == finished
+    assert not (out / "previous").exists()
+
+    # A run that fails at step 1 (here: a fault injected into the step) puts the old run back.
+    from mipnerf360 import train_utils
+
+    def broken(*a, **k):
+        def step(*a, **k):
+            raise RuntimeError("injected fault at step 1")
+
+        return step
+
+    monkeypatch.setattr(train_utils, "make_train_step", broken)
+    with pytest.raises(RuntimeError, match="injected"):
+        train.train(scene_dir, str(out), configs.get_config("cpu", overrides=SMALL), progress=False)
+    monkeypatch.undo()
+    assert (out / "model.pt").read_bytes() == finished
+    assert [s for s, _ in runs.list_checkpoints(out / "checkpoints")] == [2, 3]
+    assert not any((out / "previous").iterdir())
+
+    # A fresh run that gets going moves the finished one to previous/ (nothing deleted).
+    assert _run(scene_dir, out, *_fast("train.max_steps=1")) == 0
     assert torch.load(out / "model.pt", weights_only=False)["step"] == 1
+    assert [s for s, _ in runs.list_checkpoints(out / "checkpoints")] == [1]
+    (previous,) = (out / "previous").iterdir()
+    assert (previous / "model.pt").read_bytes() == finished
+
+
+def test_corrupt_newest_checkpoint_falls_back_and_leftovers_are_removed(
+    scene_dir, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    # A run with checkpoints 2 and 4; then ckpt_4 is truncated and model.pt deleted.
+    assert _run(scene_dir, out, *_fast("train.max_steps=4")) == 0
+    straight = _params(out / "model.pt")
+    ckpt4 = out / "checkpoints" / "ckpt_4.pt"
+    ckpt4.write_bytes(ckpt4.read_bytes()[:1000])
+    (out / "model.pt").unlink()
+    leftover = out / "checkpoints" / ".tmp-abc.pt"
+    leftover.write_bytes(b"half a checkpoint")
+    assert _run(scene_dir, out, "--resume", *_fast("train.max_steps=4")) == 0
+    err = capsys.readouterr().err
+    assert "ckpt_4.pt" in err and "ckpt_2.pt instead" in err and "at step 2" in err
+    assert not leftover.exists()
+    _assert_same_state(straight, _params(out / "model.pt"))  # steps 3-4 retrained
+
+
+def test_second_process_on_a_run_folder_fails_at_once(scene_dir, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "mipnerf360", "train", scene_dir, str(out), "--preset", "cpu"]
+    cmd += ["--no-progress", *SMALL, "train.max_steps=100000", "train.log_every=1"]
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / "metrics.csv").exists():
+            assert first.poll() is None, first.communicate()
+            assert time.time() < deadline, "training did not start"
+            time.sleep(0.2)
+        second = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 1
+        err = second.stderr.strip()
+        assert f"in use by PID {first.pid} on host" in err and len(err.splitlines()) == 1
+        assert first.poll() is None  # the first run goes on
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=60)
+        assert first.returncode == 143
+    finally:
+        if first.poll() is None:
+            first.kill()
+    # The lock died with its process: a resume takes the folder over (the time limit, not
+    # part of the run's identity, is already used up, so it only writes the outputs).
+    resume = ["--resume", "train.max_steps=100000", "train.log_every=1", "train.time_limit_s=1e-6"]
+    assert _run(scene_dir, out, *resume) == 0
+    assert json.loads((out / "summary.json").read_text())["stop_reason"] == "time_limit"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--device", "foo"], "--device 'foo'"),
+        (["--device", "cuda"], "CUDA is not available"),
+        (["--threads", "-1"], "--threads must be >= 1"),
+    ],
+)
+def test_bad_device_and_threads_are_one_line(scene_dir, tmp_path, capsys, args, message):
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    code = _run(scene_dir, tmp_path / "run", "train.max_steps=1", *args)
+    err = capsys.readouterr().err
+    assert code in (1, 2) and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run" / "model.pt").exists()
