@@ -1,8 +1,8 @@
 """Coordinate transforms and positional encodings (multinerf ``internal/coord.py``).
 
 Pure torch functions: any leading batch dims, float32 or float64, any device, differentiable.
-Formulas follow /work/shared/reference/mipnerf360-spec.md (sections 4 and 7) and the
-mip-NeRF 360 paper (Eq. 10 for the contraction).
+Formulas follow multinerf's functions of the same names and the mip-NeRF 360 paper (Eq. 10
+for the contraction).
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-# multinerf uses the float32 machine epsilon as a clamp even when fed float64.
+# The package's one definition of the float32 machine epsilon (coord, stepfun, render and
+# train_utils clamp with it): multinerf clamps with it even when fed float64.
 EPS32 = float(np.finfo(np.float32).eps)
 
 
@@ -195,7 +196,8 @@ _RAY_WARPS = {
 
 
 def construct_ray_warps(fn_name, t_near, t_far):
-    """Maps between metric distance t and normalised distance s in [0, 1] (spec section 4).
+    """Maps between metric distance t and normalised distance s in [0, 1] (multinerf
+    ``coord.construct_ray_warps``).
 
     fn_name: None/'linear', 'reciprocal', 'log', 'exp', 'sqrt', 'square', 'piecewise' (or the
     torch function of that name, e.g. torch.reciprocal). t_near, t_far: tensors broadcastable

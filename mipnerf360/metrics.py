@@ -1,11 +1,15 @@
-"""Image metrics with the reference evaluation protocol.
+"""Image metrics with the reference evaluation protocol, and the one definition of each.
 
 PSNR, SSIM, colour correction and the sRGB curves follow multinerf's ``internal/image.py``
-(and ``dm_pix.ssim``, which multinerf's ``eval.py`` calls); formulas from
-/work/shared/reference/mipnerf360-spec.md section 11 and the golden README
-(``image_metrics.npz``, ``image_color_correct.npz``).  LPIPS is not part of multinerf; it is
-computed with the ``lpips`` package (``lpips.LPIPS(net='alex'|'vgg')``, inputs in [0, 1]
-with ``normalize=True``).
+(and ``dm_pix.ssim``, which multinerf's ``eval.py`` calls through ``image.MetricHarness``);
+checked against multinerf's outputs in tests/golden (``image_metrics.npz``,
+``image_color_correct.npz``, see tests/test_metrics.py). LPIPS is not part of multinerf; it
+is computed with the ``lpips`` package (``lpips.LPIPS(net='alex'|'vgg')``, inputs in
+[0, 1] with ``normalize=True``).
+
+``METRICS`` is the registry every consumer reads (evaluate writes these keys to
+metrics.json, tables and the report take their headers, formats, directions and published
+keys from it): adding a metric is one ``Metric`` entry here.
 
 All image arguments are numpy arrays ``[H, W, C]`` with values in [0, 1] unless stated.
 """
@@ -14,12 +18,16 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
+import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
+from mipnerf360.configs import LPIPS_NETS
 from mipnerf360.errors import UserError
 
 # torchvision's ImageNet weight files the lpips package loads (under $TORCH_HOME/hub/checkpoints).
@@ -35,8 +43,14 @@ _F32_EPS = float(np.finfo(np.float32).eps)
 
 
 def mse_to_psnr(mse):
-    """PSNR (max value 1) of a mean squared error: -10 / ln(10) * ln(mse) (image.mse_to_psnr)."""
-    return -10.0 / np.log(10.0) * np.log(mse)
+    """PSNR (max value 1) of a mean squared error: -10 / ln(10) * ln(mse) (image.mse_to_psnr).
+
+    A torch tensor gives a tensor (on its device, differentiable); a number or numpy array
+    gives numpy. The one home of this formula (training logs it, evaluation reports it).
+    """
+    torch = sys.modules.get("torch")  # a tensor implies torch is imported already
+    log = mse.log() if torch is not None and isinstance(mse, torch.Tensor) else np.log(mse)
+    return -10.0 / math.log(10.0) * log
 
 
 def psnr_to_mse(psnr):
@@ -200,6 +214,9 @@ def color_correct(img, ref, num_iters: int = 5, eps: float = 0.5 / 255):
     return img_mat.reshape(img.shape).astype(np.float32)
 
 
+color_correct_fn = color_correct  # prepare_pair has a parameter named ``color_correct``
+
+
 # --------------------------------------------------------------------------- LPIPS
 
 _LPIPS_CACHE: dict = {}
@@ -283,42 +300,186 @@ def lpips_distance(pred, gt, net: str = "alex", device="cpu", allow_download: bo
     return float(d.reshape(-1)[0].item())
 
 
+# --------------------------------------------------------------------------- the registry
+
+
+@dataclass
+class ImagePair:
+    """One rendered image and its ground truth, prepared as the protocol says.
+
+    ``pred`` and ``gt`` are [H, W, 3] float64 in [0, 1], ``pred`` already quantised to 8 bit
+    (when the protocol quantises) and both already border-cropped; ``pred_cc`` is the
+    colour-corrected render treated the same way (None unless colour correction was asked
+    for). ``device`` is where the LPIPS networks run.
+    """
+
+    pred: np.ndarray
+    gt: np.ndarray
+    pred_cc: np.ndarray | None = None
+    device: str = "cpu"
+
+
+def _psnr(pair: ImagePair) -> float:
+    return float(mse_to_psnr(np.mean((pair.pred - pair.gt) ** 2)))
+
+
+def _ssim(pair: ImagePair) -> float:
+    return float(ssim(pair.pred, pair.gt))
+
+
+def _corrected(pair: ImagePair) -> np.ndarray:
+    if pair.pred_cc is None:
+        raise ValueError("a colour-corrected metric needs ImagePair.pred_cc")
+    return pair.pred_cc
+
+
+def _cc_psnr(pair: ImagePair) -> float:
+    return float(mse_to_psnr(np.mean((_corrected(pair) - pair.gt) ** 2)))
+
+
+def _cc_ssim(pair: ImagePair) -> float:
+    return float(ssim(_corrected(pair), pair.gt))
+
+
+def _lpips_fn(net: str) -> Callable[[ImagePair], float]:
+    def compute(pair: ImagePair) -> float:
+        return lpips_distance(pair.pred, pair.gt, net=net, device=pair.device)
+
+    compute.__name__ = f"_lpips_{net}"
+    return compute
+
+
+@dataclass(frozen=True)
+class Metric:
+    """The one definition of a metric: how it is computed, named, shown and compared.
+
+    name:             key in metrics.json / metrics.csv ('psnr', 'lpips_vgg', ...)
+    label:            column header in the tables ('PSNR', 'LPIPS (VGG)', ...)
+    higher_is_better: direction (PSNR, SSIM up; LPIPS down)
+    fmt:              format spec of a value in the tables ('.2f', '.3f')
+    published_key:    the key in published.yaml it is compared with, or None
+    compute:          ImagePair -> float
+    option:           the evaluation switch that turns it on: None (always computed),
+                      'lpips' (one per net in eval.lpips_nets) or 'color_correct'
+    """
+
+    name: str
+    label: str
+    higher_is_better: bool
+    fmt: str
+    published_key: str | None
+    compute: Callable[[ImagePair], float]
+    option: str | None = None
+
+    def format(self, value: float | None) -> str:
+        """The value as the tables show it ('–' for a missing value)."""
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return "–"
+        return format(value, self.fmt)
+
+
+# The LPIPS network multinerf's published numbers are compared with (see published.yaml:
+# multinerf does not specify it, issue #116; 3DGS's evaluation uses VGG).
+PUBLISHED_LPIPS_NET = "vgg"
+_LPIPS_LABELS = {"alex": "LPIPS (Alex)", "vgg": "LPIPS (VGG)"}
+
+METRICS: dict[str, Metric] = {
+    m.name: m
+    for m in (
+        Metric("psnr", "PSNR", True, ".2f", "psnr", _psnr),
+        Metric("ssim", "SSIM", True, ".3f", "ssim", _ssim),
+        *(
+            Metric(
+                f"lpips_{net}",
+                _LPIPS_LABELS.get(net, f"LPIPS ({net})"),
+                False,
+                ".3f",
+                "lpips" if net == PUBLISHED_LPIPS_NET else None,
+                _lpips_fn(net),
+                option="lpips",
+            )
+            for net in LPIPS_NETS
+        ),
+        # multinerf eval.py: metrics of image.color_correct(render, gt), written as
+        # metric_cc_<name>; the published numbers are the uncorrected ones.
+        Metric("cc_psnr", "PSNR (cc)", True, ".2f", None, _cc_psnr, option="color_correct"),
+        Metric("cc_ssim", "SSIM (cc)", True, ".3f", None, _cc_ssim, option="color_correct"),
+    )
+}
+
+
+def select(lpips_nets: Sequence[str] = (), color_correct: bool = False) -> list[Metric]:
+    """The metrics an evaluation computes, in registry order: the always-on ones, LPIPS for
+    each net in ``lpips_nets``, and the colour-corrected ones when ``color_correct``."""
+    bad = sorted(set(lpips_nets) - set(LPIPS_NETS))
+    if bad:
+        raise ValueError(f"unknown LPIPS net(s) {bad}; expected some of {list(LPIPS_NETS)}")
+    out = []
+    for m in METRICS.values():
+        if (
+            m.option is None
+            or (m.option == "lpips" and m.name.removeprefix("lpips_") in lpips_nets)
+            or (m.option == "color_correct" and color_correct)
+        ):
+            out.append(m)
+    return out
+
+
 # --------------------------------------------------------------------------- all metrics
+
+
+def prepare_pair(
+    pred,
+    gt,
+    quantize: bool = True,
+    crop_borders: int = 0,
+    color_correct: bool = False,
+    device="cpu",
+) -> ImagePair:
+    """The images a metric sees, in multinerf eval.py's order: colour-correct the float
+    render against the ground truth (``image.color_correct``), quantise render and
+    corrected render to 8 bit (``eval_quantize_metrics``), then crop ``crop_borders``
+    pixels from every side of all three (``eval_crop_borders``).
+
+    Args:
+      pred, gt: [H, W, 3] arrays in [0, 1] of the same shape.
+    """
+    pred = np.asarray(pred, dtype=np.float64)
+    gt = np.asarray(gt, dtype=np.float64)
+    if pred.shape != gt.shape:
+        raise ValueError(f"prediction {pred.shape} and ground truth {gt.shape} differ in shape")
+    if crop_borders < 0:
+        raise ValueError(f"crop_borders must be >= 0, got {crop_borders}")
+    pred_cc = color_correct_fn(pred, gt).astype(np.float64) if color_correct else None
+    if quantize:
+        pred = _quantize8(pred)
+        pred_cc = None if pred_cc is None else _quantize8(pred_cc)
+    if crop_borders:
+        c = crop_borders
+        pred, gt = pred[c:-c, c:-c], gt[c:-c, c:-c]
+        pred_cc = None if pred_cc is None else pred_cc[c:-c, c:-c]
+    return ImagePair(pred, gt, pred_cc, str(device))
 
 
 def compute_metrics(
     pred,
     gt,
     quantize: bool = True,
-    lpips_nets: Sequence[str] = ("alex", "vgg"),
+    lpips_nets: Sequence[str] = LPIPS_NETS,
     crop_borders: int = 0,
     device="cpu",
+    color_correct: bool = False,
 ) -> dict:
-    """PSNR, SSIM and LPIPS of one rendered image against its ground truth.
+    """The selected metrics (see :func:`select`) of one rendered image against its truth.
 
     Args:
       pred, gt: [H, W, 3] arrays in [0, 1].
       quantize: round ``pred`` to 8 bit first (the reference protocol).
-      lpips_nets: LPIPS backbones to evaluate ('alex', 'vgg'); empty to skip LPIPS.
+      lpips_nets: LPIPS backbones to evaluate (configs.LPIPS_NETS); empty to skip LPIPS.
       crop_borders: pixels removed from every side of both images first.
+      color_correct: also 'cc_psnr' and 'cc_ssim' of the colour-corrected render.
     Returns:
-      {'psnr', 'ssim', 'lpips_<net>' for each net} as Python floats.
+      {metric name: Python float} in registry order.
     """
-    pred = np.asarray(pred, dtype=np.float64)
-    gt = np.asarray(gt, dtype=np.float64)
-    if pred.shape != gt.shape:
-        raise ValueError(f"compute_metrics: prediction {pred.shape} and ground truth {gt.shape}")
-    if crop_borders < 0:
-        raise ValueError(f"compute_metrics: crop_borders must be >= 0, got {crop_borders}")
-    if crop_borders:
-        c = crop_borders
-        pred, gt = pred[c:-c, c:-c], gt[c:-c, c:-c]
-    if quantize:
-        pred = _quantize8(pred)
-    out = {
-        "psnr": float(mse_to_psnr(np.mean((pred - gt) ** 2))),
-        "ssim": float(ssim(pred, gt)),
-    }
-    for net in lpips_nets:
-        out[f"lpips_{net}"] = lpips_distance(pred, gt, net=net, device=device)
-    return out
+    pair = prepare_pair(pred, gt, quantize, crop_borders, color_correct, device)
+    return {m.name: m.compute(pair) for m in select(lpips_nets, color_correct)}

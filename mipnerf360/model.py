@@ -1,12 +1,11 @@
 """The mip-NeRF 360 model: proposal MLP, NeRF MLP and the multi-level sampling schedule.
 
 Counterpart of multinerf ``internal/models.py`` (``Model``, ``MLP``, ``NerfMLP``, ``PropMLP``,
-``render_image``); the algorithm is described in the reference spec, sections 5-8
-(/work/shared/reference/mipnerf360-spec.md). Shapes: ``B`` rays, ``S`` intervals per ray,
-``K`` basis directions, ``L`` levels.
+``render_image``) and of the mip-NeRF 360 paper. Shapes: ``B`` rays, ``S`` intervals per
+ray, ``K`` basis directions, ``L`` levels.
 
     model = build_model("360")            # 9,007,493 parameters
-    renderings, ray_history = model(rays, train_frac=0.5, generator=None)
+    renderings, ray_history = model(rays, train_frac=0.5, rng=None)
 """
 
 from __future__ import annotations
@@ -18,10 +17,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from mipnerf360 import coord, geopoly, render, stepfun
+from mipnerf360 import coord, geopoly, render, sampling, stepfun
 from mipnerf360.configs import Config, MLPConfig, ModelConfig, preset
 
+# The rays a model renders (the package's one list: datasets and samplers produce these).
 RAY_KEYS = ("origins", "directions", "viewdirs", "radii", "near", "far")
+# The two MLPs: flax module name (multinerf's parameter tree) -> attribute of Model.
+MLP_NAMES = {"PropMLP_0": "prop_mlp", "NerfMLP_0": "nerf_mlp"}
 
 _WARP_FNS: dict[str, Callable] = {"contract": coord.contract}
 
@@ -59,10 +61,11 @@ def _linear_parts(
 
 
 class MLP(nn.Module):
-    """A mip-NeRF 360 MLP (multinerf ``models.MLP``, spec section 7).
+    """A mip-NeRF 360 MLP (multinerf ``models.MLP``).
 
     forward(means [B,S,3], covs [B,S,3,3], viewdirs [B,3] | None) ->
-    dict(density [B,S], rgb [B,S,3]) (rgb is zeros when ``disable_rgb``).
+    dict(density [B,S], rgb [B,S,3]) (rgb is zeros when ``disable_rgb``), float32 also
+    under bf16 autocast (only the layers run in bf16; compositing stays float32).
     """
 
     def __init__(self, cfg: MLPConfig, use_viewdirs: bool = True):
@@ -157,7 +160,7 @@ class MLP(nn.Module):
         else:
             raw_density = _linear_parts(x, self.density_layer.weight, self.density_layer.bias)
             raw_density = raw_density[..., 0]
-        density = nn.functional.softplus(raw_density + cfg.density_bias)
+        density = nn.functional.softplus(raw_density.float() + cfg.density_bias)
         if cfg.disable_rgb:
             rgb = torch.zeros_like(means)
         else:
@@ -170,7 +173,8 @@ class MLP(nn.Module):
                     x = [torch.relu(_linear_parts(x, layer.weight, layer.bias))]
                     if i % cfg.skip_layer_dir == 0 and i > 0:
                         x += view_in
-            rgb = torch.sigmoid(_linear_parts(x, self.rgb_layer.weight, self.rgb_layer.bias))
+            rgb = _linear_parts(x, self.rgb_layer.weight, self.rgb_layer.bias).float()
+            rgb = torch.sigmoid(rgb)
             rgb = rgb * (1 + 2 * cfg.rgb_padding) - cfg.rgb_padding
             rgb = rgb.expand(*means.shape[:-1], rgb.shape[-1])
         return {"density": density, "rgb": rgb}
@@ -185,7 +189,8 @@ class NerfMLP(MLP):
 
 
 def anneal_exponent(train_frac: float | torch.Tensor, slope: float) -> float | torch.Tensor:
-    """Schlick bias ``slope*x / ((slope-1)*x + 1)`` of the training fraction (spec 5.3)."""
+    """Schlick bias ``slope*x / ((slope-1)*x + 1)`` of the training fraction (multinerf
+    ``models.Model``: the proposal weights are raised to this power when resampling)."""
     if slope <= 0:
         return 1.0
     return (slope * train_frac) / ((slope - 1) * train_frac + 1)
@@ -194,12 +199,15 @@ def anneal_exponent(train_frac: float | torch.Tensor, slope: float) -> float | t
 class Model(nn.Module):
     """mip-NeRF 360 (multinerf ``models.Model``): proposal levels + one NeRF level.
 
-    forward(rays, train_frac, generator=None, compute_extras=False) ->
+    forward(rays, train_frac, rng=None, compute_extras=False) ->
     (renderings, ray_history), lists over levels. ``rays``: dict of origins [B,3],
-    directions [B,3], viewdirs [B,3], radii [B,1], near [B,1], far [B,1].
-    ``generator=None``: deterministic (evaluation) sampling; a ``torch.Generator``: one
-    training jitter per ray and level. renderings[i]: rgb [B,3], acc [B] (+ distance_mean,
-    distance_median, distance_percentile_5/95 [B] with compute_extras). ray_history[i]:
+    directions [B,3], viewdirs [B,3], radii [B,1], near [B,1], far [B,1]; ``train_frac`` a
+    float or 0-d tensor. ``rng=None``: deterministic (evaluation) sampling; int64 ray keys
+    [B] (``sampling.ray_keys``, the sampler's ``batch['key']``): training jitter of level i
+    is ``sampling.uniform(rng, STREAM_JITTER + i, 1 or S)``, so a ray's jitter is a function
+    of (seed, step, its index in the global batch) only. renderings[i]: rgb [B,3], acc [B]
+    (+ distance_mean, distance_median, distance_percentile_5/95 [B] with compute_extras).
+    ray_history[i]:
     sdist [B,S+1], weights [B,S], density [B,S], rgb [B,S,3] (zeros for proposal levels).
     """
 
@@ -215,7 +223,7 @@ class Model(nn.Module):
         self,
         rays: Mapping[str, torch.Tensor],
         train_frac: float | torch.Tensor,
-        generator: torch.Generator | None = None,
+        rng: torch.Tensor | None = None,
         compute_extras: bool = False,
     ) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]:
         cfg = self.cfg
@@ -255,8 +263,12 @@ class Model(nn.Module):
                 log_w = torch.log(weights + cfg.resample_padding)
                 scaled = torch.where(torch.isneginf(log_w) & (anneal == 0), 0.0, anneal * log_w)
                 logits = torch.where(sdist[..., 1:] > sdist[..., :-1], scaled, -torch.inf)
+                rand = None
+                if rng is not None:
+                    d = 1 if cfg.single_jitter else num_samples
+                    rand = sampling.uniform(rng, sampling.STREAM_JITTER + i_level, d)
                 sdist = stepfun.sample_intervals(
-                    generator,
+                    rand,
                     sdist,
                     logits,
                     num_samples,
@@ -297,12 +309,10 @@ def build_model(cfg_or_preset: Config | ModelConfig | str) -> Model:
 
 # ----------------------------------------------------------------------------- flax params
 
-_FLAX_MODULES = {"PropMLP_0": "prop_mlp", "NerfMLP_0": "nerf_mlp"}
-
 
 def _flax_named_layers(model: Model) -> dict[str, nn.Linear]:
     out = {}
-    for flax_name, attr in _FLAX_MODULES.items():
+    for flax_name, attr in MLP_NAMES.items():
         for k, layer in enumerate(getattr(model, attr).flax_layers()):
             out[f"{flax_name}/Dense_{k}"] = layer
     return out
@@ -342,16 +352,6 @@ def export_flax_params(model: Model) -> dict[str, np.ndarray]:
     return out
 
 
-def flax_param_grads(model: Model) -> dict[str, torch.Tensor | None]:
-    """Gradients under flax names (kernel grads transposed to [in,out])."""
-    out = {}
-    for name, layer in _flax_named_layers(model).items():
-        g = layer.weight.grad
-        out[f"{name}/kernel"] = None if g is None else g.T
-        out[f"{name}/bias"] = layer.bias.grad
-    return out
-
-
 # ----------------------------------------------------------------------------- rendering
 
 
@@ -385,7 +385,7 @@ def render_image(
             chunk = {
                 k: v[start : start + chunk_size].to(device, torch.float32) for k, v in flat.items()
             }
-            renderings, _ = model(chunk, train_frac, generator=None, compute_extras=True)
+            renderings, _ = model(chunk, train_frac, rng=None, compute_extras=True)
             for k in keys:
                 chunks[k].append(renderings[-1][k].float().cpu())
     finally:

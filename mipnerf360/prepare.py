@@ -1,13 +1,22 @@
 """Validate a scene, make its downsampled images and write its manifest (``mipnerf360 prepare``).
 
-    mipnerf360 prepare SCENE_DIR MANIFEST_JSON --dataset-type T --factor F [data.key=value ...]
+    mipnerf360 prepare SOURCE MANIFEST [--preset NAME] [--config YAML] [key=value ...]
+
+The scene is loaded with the config that training builds from the same arguments
+(``configs.get_config(preset, yaml, overrides)``, default preset '360', as ``mipnerf360
+train``): its ``data.*`` part (``dataset_type``, ``factor``, ``near``, ``far``, ...)
+decides how; other keys are accepted and checked but do not matter here. So give prepare
+the preset and overrides the scene trains with. ``--dataset-type T`` / ``--factor F`` are
+kept as spellings of ``data.dataset_type=T`` / ``data.factor=F``; one that disagrees with
+the config's value given as an override is an error.
 
 The source folder is never written to (it may be read-only or part of the repository):
 the prepared scene is ``<manifest folder>/scene``, a folder of relative symbolic links to
-every top-level entry of SCENE_DIR plus, for COLMAP/LLFF scenes with ``factor > 1`` and no
-``images_<F>/`` of their own, a new ``images_<F>/`` (made by
-``datasets.ensure_downsampled``: area filter, as multinerf expects pre-resized images,
-reference spec section 2.2). It is built in a temporary folder and renamed into place.
+every top-level entry of SOURCE plus, for data set types that read pre-downsampled images
+(``datasets.LOADERS[type].needs_downsampled_images``) at ``factor > 1`` when SOURCE has no
+``images_<F>/`` of its own, a new ``images_<F>/`` (``datasets.downsample_folder``: area
+filter, as multinerf expects pre-resized images). It is built under a temporary name and
+renamed into place, replacing an earlier one.
 
 The prepared scene is then loaded with ``datasets.load_scene`` (the loader training uses),
 which checks that poses and images are present and that image sizes agree with the
@@ -15,28 +24,42 @@ cameras. The manifest (JSON, written atomically) records what training (``mipner
 --manifest``, which checks its split) and evaluation rely on::
 
     {"scene", "dataset_type", "factor", "source_dir", "scene_dir", "width", "height",
-     "num_images", "near", "far", "split": {"train": [names], "test": [names]},
+     "num_images", "near", "far", "fingerprint", "data": {data config},
+     "split": {"train": [names], "test": [names]},
      "images": [{"name", "split", "width", "height", "fx", "fy", "cx", "cy"}, ...]}
+
+``fingerprint`` is ``datasets.scene_fingerprint`` of the loaded scene: a hash of the image
+contents, poses, intrinsics, split and near/far (not of paths or times), the same value
+training computes from the scene it loads.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import os
-import shutil
-import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from mipnerf360 import configs
+from mipnerf360 import configs, io
 from mipnerf360.errors import UserError
 
 
 class PrepareError(UserError, ValueError):
     """The scene cannot be prepared; the message names the file or folder."""
+
+
+def _link_entries(source: Path, folder: Path) -> None:
+    """Relative symlinks in ``folder`` to every top-level entry of ``source`` (not dotfiles)."""
+    for entry in sorted(source.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        rel = os.path.relpath(entry.resolve(), folder.resolve())
+        try:
+            os.symlink(rel, folder / entry.name)
+        except OSError as e:
+            raise PrepareError(f"{folder / entry.name}: cannot link: {e.strerror or e}") from None
 
 
 def link_scene(source: str | os.PathLike, target: str | os.PathLike) -> Path:
@@ -45,46 +68,15 @@ def link_scene(source: str | os.PathLike, target: str | os.PathLike) -> Path:
     source, target = Path(source), Path(target)
     if not source.is_dir():
         raise PrepareError(f"{source}: scene folder not found")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
-        tmp.chmod(0o755)
-        for entry in sorted(source.iterdir()):
-            if entry.name.startswith("."):
-                continue
-            rel = os.path.relpath(entry.resolve(), tmp.resolve())
-            os.symlink(rel, tmp / entry.name)
-        if target.is_symlink() or target.is_file():
-            target.unlink()
-        elif target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with io.atomic_dir(target) as tmp:
+        _link_entries(source, tmp)
     return target
 
 
-def _precheck(source: Path, dataset_type: str) -> None:
-    """Fast checks with clear messages before the (slower) full load."""
-    if dataset_type == "blender":
-        for split in ("train", "test"):
-            f = source / f"transforms_{split}.json"
-            if not f.is_file():
-                raise PrepareError(f"{f}: not found (Blender scenes need transforms_*.json)")
-        return
-    if not (source / "images").is_dir():
-        raise PrepareError(f"{source / 'images'}: not found (the scene has no images/ folder)")
-    has_colmap = (source / "sparse" / "0").is_dir()
-    has_llff = (source / "poses_bounds.npy").is_file()
-    if dataset_type == "colmap" and not has_colmap:
-        raise PrepareError(f"{source / 'sparse' / '0'}: not found (COLMAP poses are missing)")
-    if dataset_type == "llff" and not has_llff:
-        raise PrepareError(f"{source / 'poses_bounds.npy'}: not found (LLFF poses are missing)")
-
-
-def make_manifest(scene, source: Path, prepared: Path, factor: int) -> dict:
+def make_manifest(scene, source: Path, prepared: Path, data_cfg: configs.DataConfig) -> dict:
     """The manifest dict of a loaded ``datasets.Scene``."""
+    from mipnerf360 import datasets
+
     K = np.linalg.inv(scene.pixtocams.astype(np.float64))  # [N,3,3] intrinsics
     split = np.full(len(scene.names), "", dtype=object)
     split[scene.i_train] = "train"
@@ -105,7 +97,7 @@ def make_manifest(scene, source: Path, prepared: Path, factor: int) -> dict:
     return {
         "scene": source.name,
         "dataset_type": scene.dataset_type,
-        "factor": int(factor),
+        "factor": int(data_cfg.factor),
         "source_dir": str(source),
         "scene_dir": str(prepared),
         "width": int(scene.width),
@@ -113,6 +105,8 @@ def make_manifest(scene, source: Path, prepared: Path, factor: int) -> dict:
         "num_images": len(scene.names),
         "near": float(scene.near),
         "far": float(scene.far),
+        "fingerprint": datasets.scene_fingerprint(scene),
+        "data": dataclasses.asdict(data_cfg),
         "split": {
             "train": [str(scene.names[int(i)]) for i in scene.i_train],
             "test": [str(scene.names[int(i)]) for i in scene.i_test],
@@ -121,48 +115,77 @@ def make_manifest(scene, source: Path, prepared: Path, factor: int) -> dict:
     }
 
 
+def prepare_config(
+    preset: str | None = None,
+    config_yaml: str | os.PathLike | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    dataset_type: str | None = None,
+    factor: int | None = None,
+) -> configs.Config:
+    """The config prepare loads with: the one ``mipnerf360 train`` builds from the same
+    preset, YAML and overrides. ``dataset_type`` / ``factor`` (the old flags) are the same
+    thing as ``data.dataset_type`` / ``data.factor`` overrides: ConfigError when they
+    disagree with one given as an override."""
+    overrides = list(overrides)
+    from_yaml = configs.load_yaml(config_yaml).get("data") if config_yaml else None
+    given = dict(from_yaml) if isinstance(from_yaml, dict) else {}
+    given.update(configs.parse_overrides(overrides).get("data", {}))
+    for key, value in (("dataset_type", dataset_type), ("factor", factor)):
+        if value is None:
+            continue
+        if key in given and given[key] != value:
+            raise configs.ConfigError(
+                f"--{key.replace('_', '-')} {value} disagrees with data.{key}: {given[key]}; "
+                f"give data.{key} once"
+            )
+        overrides.append(f"data.{key}={value}")
+    return configs.get_config(preset, config_yaml, overrides)
+
+
 def prepare(
     scene_dir: str | os.PathLike,
     manifest_path: str | os.PathLike,
-    dataset_type: str,
-    factor: int = 0,
-    overrides: list[str] | tuple[str, ...] = (),
+    cfg: configs.Config | configs.DataConfig,
 ) -> dict:
-    """Link, downsample, load (validates) and write the manifest; returns the manifest."""
+    """Link, downsample, load (validates) and write the manifest; returns the manifest.
+
+    ``cfg``: the scene's config (see ``prepare_config``); only its ``data`` part is used.
+    """
     from mipnerf360 import datasets
 
+    data = cfg.data if isinstance(cfg, configs.Config) else cfg
     source = Path(scene_dir)
     manifest_path = Path(manifest_path)
-    if dataset_type not in ("colmap", "llff", "blender"):
-        raise PrepareError(f"unknown dataset type {dataset_type!r} (colmap, llff or blender)")
+    factor = int(data.factor)
     if not source.is_dir():
         raise PrepareError(f"{source}: scene folder not found")
-    _precheck(source, dataset_type)
+    loader = datasets.LOADERS.get(data.dataset_type)
+    if loader is None:
+        raise PrepareError(
+            f"unknown dataset type {data.dataset_type!r} ({', '.join(datasets.DATASET_TYPES)})"
+        )
     try:
-        cfg = configs.get_config("360", overrides=list(overrides))
-    except configs.ConfigError as e:
-        raise PrepareError(f"override: {e}") from None
-    cfg.data.dataset_type, cfg.data.factor = dataset_type, int(factor)
-    prepared = link_scene(source, manifest_path.parent / "scene")
-    if dataset_type != "blender" and factor > 1:
-        try:
-            datasets.ensure_downsampled(prepared, int(factor))
-        except datasets.DatasetError as e:
-            raise PrepareError(str(e)) from None
+        loader.precheck(source, data)
+    except datasets.DatasetError as e:
+        raise PrepareError(str(e)) from None
+    prepared = manifest_path.parent / "scene"
+    own_small = (source / f"images_{factor}").is_dir()
     try:
-        scene = datasets.load_scene(prepared, cfg.data)
-    except (ValueError, OSError) as e:  # DatasetError, COLMAP parse errors, unreadable files
+        with io.atomic_dir(prepared) as tmp:
+            _link_entries(source, tmp)
+            if loader.needs_downsampled_images and factor > 1 and not own_small:
+                datasets.downsample_folder(source / "images", tmp / f"images_{factor}", factor)
+        scene = datasets.load_scene(prepared, data)
+    except PrepareError:
+        raise
+    except UserError as e:  # DatasetError, ColmapError, unreadable files
         raise PrepareError(f"{source}: {e}") from None
     if len(scene.i_train) == 0 or len(scene.i_test) == 0:
         raise PrepareError(
             f"{source}: empty split ({len(scene.i_train)} train / {len(scene.i_test)} test images)"
         )
-    manifest = make_manifest(scene, source, prepared, factor)
-    manifest_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=manifest_path.parent, prefix=f".{manifest_path.name}.tmp-")
-    with os.fdopen(fd, "w") as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(tmp, manifest_path)
+    manifest = make_manifest(scene, source, prepared, data)
+    io.write_json(manifest_path, manifest)
     return manifest
 
 
@@ -170,18 +193,22 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="mipnerf360 prepare", description=__doc__.split("\n")[0])
     p.add_argument("scene_dir", help="scene folder (read only)")
     p.add_argument("manifest", help="manifest JSON to write; the prepared scene goes beside it")
-    p.add_argument("--dataset-type", required=True, choices=["colmap", "llff", "blender"])
-    p.add_argument("--factor", type=int, default=0, help="image downsampling factor (0/1: none)")
-    p.add_argument("overrides", nargs="*", help="data.key=value settings for loading")
+    p.add_argument(
+        "--preset", default=None, help=f"config preset, as for train: {sorted(configs.PRESETS)}"
+    )
+    p.add_argument("--config", default=None, help="YAML config file (applied after the preset)")
+    p.add_argument("--dataset-type", default=None, help="same as data.dataset_type=T")
+    p.add_argument("--factor", type=int, default=None, help="same as data.factor=F")
+    p.add_argument(
+        "overrides", nargs="*", help="key=value config overrides, as for train (data.* used)"
+    )
     a = p.parse_intermixed_args(argv)
-    try:
-        m = prepare(a.scene_dir, a.manifest, a.dataset_type, a.factor, a.overrides)
-    except PrepareError as e:
-        print(f"mipnerf360 prepare: error: {e}", file=sys.stderr)
-        return 1
+    cfg = prepare_config(a.preset, a.config, a.overrides, a.dataset_type, a.factor)
+    m = prepare(a.scene_dir, a.manifest, cfg)
     n_train, n_test = len(m["split"]["train"]), len(m["split"]["test"])
     print(
         f"{a.scene_dir}: {m['num_images']} images {m['width']}x{m['height']} "
-        f"({n_train} train / {n_test} test) -> {a.manifest}"
+        f"({n_train} train / {n_test} test, factor {m['factor']}, near {m['near']:g}, "
+        f"far {m['far']:g}) -> {a.manifest}"
     )
     return 0

@@ -1,20 +1,18 @@
 """Ray casting into Gaussians and volume rendering (multinerf ``internal/render.py``).
 
 Pure torch, arbitrary leading batch dims, float32/float64, any device, differentiable.
-Formulas: spec sections 6 and 8 (/work/shared/reference/mipnerf360-spec.md) and mip-NeRF
-Eq. 7 (stable conical-frustum moments).
+Formulas: multinerf's functions of the same names and mip-NeRF Eq. 7 (stable
+conical-frustum moments).
 """
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 from mipnerf360 import stepfun
-
-EPS32 = float(np.finfo(np.float32).eps)
+from mipnerf360.coord import EPS32
 
 
 def lift_gaussian(

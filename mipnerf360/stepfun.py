@@ -1,8 +1,9 @@
 """Step-function utilities: histograms along rays (multinerf ``internal/stepfun.py``).
 
 A step function is (t [..., N+1] sorted edges, w or v [..., N] per-interval values). Pure torch,
-arbitrary leading batch dims, float32/float64, any device. Formulas: spec sections 5 and 9
-(/work/shared/reference/mipnerf360-spec.md); golden checks in tests/test_stepfun.py.
+arbitrary leading batch dims, float32/float64, any device. Formulas: the mip-NeRF 360 paper
+(online distillation: resampling and the proposal loss; the distortion loss) and multinerf's
+functions of the same names; golden checks in tests/test_stepfun.py.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 import numpy as np
 import torch
 
-EPS32 = float(np.finfo(np.float32).eps)  # multinerf clamps with float32 eps in all dtypes
+from mipnerf360.coord import EPS32
 
 
 def _batch_broadcast(a: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,7 +111,7 @@ def invert_cdf(u: torch.Tensor, t: torch.Tensor, w_logits: torch.Tensor) -> torc
 
 
 def sample(
-    generator: torch.Generator | None,
+    rand: torch.Tensor | None,
     t: torch.Tensor,
     w_logits: torch.Tensor,
     num_samples: int,
@@ -119,15 +120,15 @@ def sample(
 ) -> torch.Tensor:
     """Draw num_samples sorted samples from the step function (multinerf ``stepfun.sample``).
 
-    generator None -> deterministic evenly spaced u (centred if deterministic_center);
-    otherwise stratified u jittered with torch.rand(generator=generator), one jitter per ray
-    if single_jitter (the generator must live on t's device). t [..., N+1], w_logits [..., N]
-    -> [..., num_samples].
+    rand None -> deterministic evenly spaced u (centred if deterministic_center); otherwise
+    stratified u jittered by ``rand`` (uniform numbers in [0, 1), broadcastable to [..., 1]
+    if single_jitter else [..., num_samples]; the model draws them with
+    ``sampling.uniform``). t [..., N+1], w_logits [..., N] -> [..., num_samples].
     """
     n = int(num_samples)
     batch = torch.broadcast_shapes(t.shape[:-1], w_logits.shape[:-1])
     kw = dict(dtype=t.dtype, device=t.device)
-    if generator is None:
+    if rand is None:
         if deterministic_center:
             pad = 1 / (2 * n)
             u = torch.linspace(pad, 1.0 - pad - EPS32, n, **kw)
@@ -135,16 +136,17 @@ def sample(
             u = torch.linspace(0, 1.0 - EPS32, n, **kw)
         u = u.expand(batch + (n,))
     else:
+        d = 1 if single_jitter else n
+        if rand.shape[-1] != d:
+            raise ValueError(f"rand must end in {d} numbers (single_jitter={single_jitter})")
         u_max = EPS32 + (1 - EPS32) / n
         max_jitter = (1 - u_max) / (n - 1) - EPS32 if n > 1 else 1 - u_max
-        d = 1 if single_jitter else n
-        jitter = torch.rand(batch + (d,), generator=generator, **kw) * max_jitter
-        u = torch.linspace(0, 1 - u_max, n, **kw) + jitter
+        u = torch.linspace(0, 1 - u_max, n, **kw) + rand.to(t.dtype) * max_jitter
     return invert_cdf(u, t, w_logits)
 
 
 def sample_intervals(
-    generator: torch.Generator | None,
+    rand: torch.Tensor | None,
     t: torch.Tensor,
     w_logits: torch.Tensor,
     num_samples: int,
@@ -159,7 +161,7 @@ def sample_intervals(
     """
     if num_samples <= 1:
         raise ValueError(f"num_samples must be > 1, is {num_samples}")
-    centers = sample(generator, t, w_logits, num_samples, single_jitter, deterministic_center=True)
+    centers = sample(rand, t, w_logits, num_samples, single_jitter, deterministic_center=True)
     mid = (centers[..., 1:] + centers[..., :-1]) / 2
     minval, maxval = domain
     first = torch.clamp(2 * centers[..., :1] - mid[..., :1], min=minval)

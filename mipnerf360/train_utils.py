@@ -1,27 +1,38 @@
-"""Losses, learning-rate schedule, optimiser and the training step.
+"""Losses, learning-rate schedule, optimiser, precision and the training step.
 
-Counterpart of multinerf ``internal/train_utils.py`` and ``math.learning_rate_decay``
-(reference spec, sections 9 and 10). A batch is the rays dict of ``model.Model.forward``
-plus ``rgb`` [B,3] (ground truth).
+Counterpart of multinerf ``internal/train_utils.py`` (``compute_data_loss``,
+``interlevel_loss``, ``distortion_loss``, ``clip_gradients``, ``create_train_step``) and
+``math.learning_rate_decay``. A batch is the rays dict of ``model.Model.forward`` plus
+``rgb`` [B,3] (ground truth) and, from ``sampling.RaySampler``, the rays' random ``key``.
 
     optimizer = create_optimizer(model, cfg)
-    step_fn = make_train_step(model, optimizer, cfg)       # torch.compile where faster
-    stats = step_fn(batch, step, generator)                # step is 1-based
+    sampler = sampling.RaySampler(scene, cfg.train.batch_size, device, cfg.train.seed,
+                                  cfg.train.batching)
+    step_fn = make_train_step(model, optimizer, cfg, sampler=sampler)  # compiled per cfg
+    stats = step_fn(step)            # step is 1-based; a dict of 0-d device tensors
+    bad = first_bad_step(bad, stats["finite"], step)   # on the device, read when logging
+
+No step reads a value back to the host: the loss check, the statistics and the NaN guard
+stay on the device until the caller reads them (on logging and checkpoint steps).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from mipnerf360 import stepfun
 from mipnerf360.configs import Config, TrainConfig
+from mipnerf360.coord import EPS32
+from mipnerf360.errors import ConfigError
+from mipnerf360.model import MLP_NAMES
 
-EPS32 = float(np.finfo(np.float32).eps)
-MLP_NAMES = {"PropMLP_0": "prop_mlp", "NerfMLP_0": "nerf_mlp"}  # flax name -> attribute
+PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 def learning_rate_decay(
@@ -65,9 +76,11 @@ def train_frac_at(step: int, max_steps: int) -> float:
     return float(np.clip((step - 1) / max(max_steps - 1, 1), 0.0, 1.0))
 
 
-def mse_to_psnr(mse: torch.Tensor) -> torch.Tensor:
-    """PSNR of a mean squared error for images in [0, 1]: -10/ln(10) ln(mse)."""
-    return -10.0 / math.log(10.0) * torch.log(mse)
+def mse_to_psnr(mse):
+    """PSNR of a mean squared error for images in [0, 1]: -10/ln(10) ln(mse) (multinerf
+    ``image.mse_to_psnr``); a tensor gives a tensor, a number or numpy array numpy."""
+    log = torch.log(mse) if isinstance(mse, torch.Tensor) else np.log(mse)
+    return -10.0 / math.log(10.0) * log
 
 
 def compute_data_loss(
@@ -76,7 +89,7 @@ def compute_data_loss(
     tcfg: TrainConfig,
     lossmult: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Data loss over levels (multinerf ``compute_data_loss``, spec 9).
+    """Data loss over levels (multinerf ``compute_data_loss``).
 
     rgb_gt [B,3]; renderings[i]['rgb'] [B,3]; lossmult broadcastable to [B,3] (default 1).
     Returns (data_coarse_loss_mult * sum(coarse) + data_loss_mult * final, {'mses': [L]}).
@@ -105,7 +118,7 @@ def compute_data_loss(
 
 def interlevel_loss(ray_history: Sequence[Mapping[str, torch.Tensor]], tcfg: TrainConfig):
     """Proposal loss: mean(lossfun_outer(stop_grad(NeRF hist), proposal hist)) summed over
-    the proposal levels, times interlevel_loss_mult (s-space; spec 9)."""
+    the proposal levels, times interlevel_loss_mult (s-space; multinerf ``interlevel_loss``)."""
     c = ray_history[-1]["sdist"].detach()
     w = ray_history[-1]["weights"].detach()
     loss = 0.0
@@ -151,7 +164,8 @@ def _global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
 def clip_gradients(model: torch.nn.Module, tcfg: TrainConfig) -> dict[str, torch.Tensor]:
     """Per top-level MLP: clip by value (grad_max_val), then scale to global norm
     grad_max_norm (min(1, max_norm/(eps + |g|))), then nan_to_num (multinerf
-    ``clip_gradients`` + ``create_train_step``). Returns the pre-clipping norms."""
+    ``clip_gradients`` + ``create_train_step``). Returns the pre-clipping norms (0-d
+    tensors). No host sync: nan_to_num runs on every step (a no-op on finite gradients)."""
     norms = {}
     for flax_name, attr in MLP_NAMES.items():
         grads = [p.grad for p in getattr(model, attr).parameters() if p.grad is not None]
@@ -168,16 +182,17 @@ def clip_gradients(model: torch.nn.Module, tcfg: TrainConfig) -> dict[str, torch
                 torch.ones_like(clip_norm), tcfg.grad_max_norm / (EPS32 + clip_norm)
             )
             torch._foreach_mul_(grads, mult)
-        # nan_to_num is a no-op when the (pre-clipping) norm is finite: skip the pass then.
-        if not bool(torch.isfinite(norms[flax_name])):
-            for g in grads:
-                torch.nan_to_num_(g)
+        for g in grads:
+            torch.nan_to_num_(g)
     return norms
 
 
-def compute_losses(model, batch, train_frac, generator, tcfg: TrainConfig):
-    """Forward pass + all losses. Returns (total loss, dict of loss/stat tensors)."""
-    renderings, ray_history = model(batch, train_frac, generator=generator)
+def compute_losses(model, batch, train_frac, rng, tcfg: TrainConfig):
+    """Forward pass + all losses: (total loss, {data, interlevel?, distortion?}, mses [L]).
+
+    ``rng``: None (deterministic sampling) or the rays' int64 keys [B] (training jitter).
+    """
+    renderings, ray_history = model(batch, train_frac, rng=rng)
     data, stats = compute_data_loss(batch["rgb"], renderings, tcfg, batch.get("lossmult"))
     losses = {"data": data}
     if tcfg.interlevel_loss_mult > 0:
@@ -188,100 +203,252 @@ def compute_losses(model, batch, train_frac, generator, tcfg: TrainConfig):
     return total, losses, stats["mses"]
 
 
-class TrainStep:
-    """One optimisation step of ``model`` (forward, losses, backward, clipping, Adam).
+# ----------------------------------------------------------------------------- precision
 
-    ``__call__(batch, step, generator)`` -> dict of python floats: loss, data, interlevel,
-    distortion, psnr (final level), mse_<i> / psnr_<i> per level, grad_norm_NerfMLP_0,
-    grad_norm_PropMLP_0 (before clipping), lr (the one used: lr(step - 1)), train_frac.
-    ``generator=None``: deterministic sampling (multinerf Config(randomized=False));
-    ``train_frac`` defaults to train_frac_at(step, max_steps).
-    Raises FloatingPointError before touching the parameters if the loss is not finite.
-    ``compile``: run the MLPs (featurisation + layers) under torch.compile.
+
+def precision_of(cfg: Config | TrainConfig) -> str:
+    """cfg.train.precision ('fp32' before the field exists); ConfigError if unknown."""
+    tcfg = cfg.train if isinstance(cfg, Config) else cfg
+    precision = getattr(tcfg, "precision", "fp32")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"train.precision must be one of {PRECISIONS}, got {precision!r}")
+    return precision
+
+
+def set_tf32(enabled: bool) -> None:
+    """Allow (or forbid) TF32 for float32 CUDA matmuls and convolutions (a process-wide
+    setting of torch; without CUDA it is only recorded there and has no effect)."""
+    torch.backends.cuda.matmul.allow_tf32 = bool(enabled)
+    torch.backends.cudnn.allow_tf32 = bool(enabled)
+
+
+def precision_context(device: torch.device | str, precision: str):
+    """The context a forward pass runs in for ``precision``.
+
+    'fp32': nothing. 'tf32': sets the CUDA TF32 flags (``set_tf32``; on a CPU they are only
+    recorded) and returns a null context. 'bf16': ``torch.autocast(device.type, bfloat16)``
+    (CPU and CUDA): the MLP layers run in bf16; the MLPs return float32 and sampling,
+    compositing and the losses stay float32.
     """
-
-    def __init__(self, model, optimizer, cfg: Config, compile: bool = False):
-        self.model = model
-        self.optimizer = optimizer
-        self.cfg = cfg
-        self.compiled = bool(compile)
-        if self.compiled:
-            compile_mlps(model)
-
-    def __call__(
-        self,
-        batch: Mapping[str, torch.Tensor],
-        step: int,
-        generator: torch.Generator | None = None,
-        train_frac: float | None = None,
-    ) -> dict[str, float]:
-        tcfg = self.cfg.train
-        if train_frac is None:
-            train_frac = train_frac_at(step, tcfg.max_steps)
-        lr = lr_at_update(step, tcfg)
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        total, losses, mses = compute_losses(self.model, batch, train_frac, generator, tcfg)
-        loss_value = float(total.detach())
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(
-                f"non-finite training loss {loss_value} at step {step} "
-                f"({ {k: float(v.detach()) for k, v in losses.items()} })"
-            )
-        total.backward()
-        norms = clip_gradients(self.model, tcfg)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-        out = {"loss": loss_value}
-        out.update({k: float(v.detach()) for k, v in losses.items()})
-        for k in ("interlevel", "distortion"):
-            out.setdefault(k, 0.0)
-        mses = mses.detach().cpu()
-        psnrs = mse_to_psnr(mses)
-        for i in range(len(mses)):
-            out[f"mse_{i}"] = float(mses[i])
-            out[f"psnr_{i}"] = float(psnrs[i])
-        out["psnr"] = float(psnrs[-1])
-        for name, norm in norms.items():
-            out[f"grad_norm_{name}"] = float(norm)
-        out["lr"] = lr
-        out["train_frac"] = float(train_frac)
-        return out
+    if precision not in PRECISIONS:
+        raise ConfigError(f"train.precision must be one of {PRECISIONS}, got {precision!r}")
+    device = torch.device(device)
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision == "tf32":
+        set_tf32(True)
+    return contextlib.nullcontext()
 
 
-def compile_mlps(model) -> None:
-    """Wrap both MLPs' forward (featurisation + layers) in torch.compile (idempotent).
-
-    The sampling code stays eager (it takes a torch.Generator). If inductor cannot compile
-    a graph, dynamo falls back to eager for it instead of failing the run.
-    """
-    import torch._dynamo
-
-    torch._dynamo.config.suppress_errors = True
-    for attr in MLP_NAMES.values():
-        mlp = getattr(model, attr)
-        if not getattr(mlp, "_mipnerf360_compiled", False):
-            mlp.compile()
-            mlp._mipnerf360_compiled = True
+# ----------------------------------------------------------------------------- compile
 
 
 def resolve_compile(setting: str, device: torch.device | str) -> bool:
-    """cfg.train.compile -> bool. 'auto': compile on CUDA only. Measured on CPU (old 1024-ray
-    cpu preset, 1 thread): compiled MLPs 0.97 s/step vs 0.93 s/step eager, after ~95 s of
-    compilation, so CPU stays eager; on CUDA the fused element-wise kernels are expected to
-    pay off (not measured here: no GPU was available)."""
+    """cfg.train.compile -> bool. 'auto': compile on CUDA only. On the CPU the whole
+    compiled step is faster once compiled, but compiling takes minutes on a small machine
+    (numbers in benchmarks/README.md), so only 'on' compiles there."""
     if setting not in ("auto", "on", "off"):
-        raise ValueError(f"train.compile must be 'auto', 'on' or 'off', got {setting!r}")
+        raise ConfigError(f"train.compile must be 'auto', 'on' or 'off', got {setting!r}")
     if setting == "auto":
         return torch.device(device).type == "cuda"
     return setting == "on"
 
 
-def make_train_step(model, optimizer, cfg: Config) -> TrainStep:
-    """The train step for ``cfg`` (torch.compile per cfg.train.compile)."""
+def first_bad_step(acc: torch.Tensor | None, finite: torch.Tensor, step) -> torch.Tensor:
+    """Keep the first non-finite step on the device: ``acc`` is a 0-d int64 tensor, -1 while
+    every step so far was finite (None starts it). Read it only when logging."""
+    if acc is None:
+        acc = torch.full((), -1, dtype=torch.int64, device=finite.device)
+    return torch.where((acc < 0) & ~finite, step, acc)
+
+
+class TrainStep:
+    """One optimisation step: sample rays, forward (proposal resampling, rendering), losses,
+    backward, ``grad_reduce``, per-MLP clipping and Adam (multinerf ``create_train_step``).
+
+    ``step_fn(step, rank=0, world_size=1)`` (needs ``sampler``): the step's rays are
+    ``sampler.sample(step, rank, world_size)`` and their jitter comes from the rays' keys.
+    ``step_fn.run_batch(batch, step, rng=None, train_frac=None)``: a given batch; rng None
+    is deterministic sampling (multinerf Config(randomized=False)), or int64 ray keys [B].
+    ``step`` is the 1-based Python int of the update (the learning rate is lr(step - 1);
+    train_frac defaults to train_frac_at(step, max_steps)); it reaches the device as a fill
+    kernel, never a copy that waits.
+
+    Returns a dict of 0-d device tensors: loss, data, interlevel, distortion, psnr (final
+    level), mse_<i> / psnr_<i> per level, grad_norm_<MLP> (before clipping), lr (the
+    scheduled one), train_frac, finite (bool: the loss is finite). Nothing is read back to
+    the host. A non-finite loss leaves the parameters as they were (the update runs with
+    learning rate 0; Adam's moments see the zeroed gradients); the caller stops the run
+    when it reads ``finite`` (see ``first_bad_step``).
+
+    ``grad_reduce(grads)``: called with the list of parameter gradients after backward and
+    before clipping (data-parallel all-reduce); None does nothing.
+
+    ``compile``: the forward + losses (with their AOT-compiled backward) and the update
+    (clipping + Adam) are two ``torch.compile(fullgraph=True)`` graphs; if either fails to
+    compile, a one-line warning is printed and that part runs eagerly.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        cfg: Config,
+        *,
+        sampler=None,
+        grad_reduce: Callable[[list[torch.Tensor]], None] | None = None,
+        compile: bool = False,
+    ):
+        self.model = model
+        self.optimizer = optimizer
+        self.cfg = cfg
+        self.sampler = sampler
+        self.grad_reduce = grad_reduce
+        self.device = next(model.parameters()).device
+        self.precision = precision_of(cfg)
+        if self.precision == "tf32":
+            set_tf32(True)
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        # The learning rate lives on the device: fused Adam takes a tensor lr, which the
+        # update sets to 0 on a non-finite step without asking the host.
+        self._tensor_lr = bool(optimizer.defaults.get("fused")) or bool(
+            optimizer.defaults.get("capturable")
+        )
+        self._lr = torch.zeros((), dtype=torch.float32, device=self.device)
+        self._lr_used = torch.zeros((), dtype=torch.float32, device=self.device)
+        self._eager = {"forward": self._forward, "update": self._update}
+        self._fns = dict(self._eager)
+        self.compiled = bool(compile)
+        if self.compiled:
+            self._fns = {k: torch.compile(f, fullgraph=True) for k, f in self._eager.items()}
+
+    # -- the two parts (each compiled as one graph) --
+
+    def _forward(self, batch, step_t, frac_t, rank: int, world_size: int, rng):
+        if batch is None:
+            batch = self.sampler.sample(step_t, rank, world_size)
+            rng = batch["key"]
+        tcfg = self.cfg.train
+        if self.precision == "bf16":
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                total, losses, mses = compute_losses(self.model, batch, frac_t, rng, tcfg)
+        else:
+            total, losses, mses = compute_losses(self.model, batch, frac_t, rng, tcfg)
+        return total, losses, mses
+
+    def _update(self, total):
+        norms = clip_gradients(self.model, self.cfg.train)
+        finite = torch.isfinite(total.detach())
+        if self._tensor_lr:
+            self._lr_used.copy_(torch.where(finite, self._lr, torch.zeros_like(self._lr)))
+        self.optimizer.step()
+        return norms, finite
+
+    def _call(self, name: str, *args):
+        """Run part ``name`` ('forward' or 'update'); a compiled part that fails falls back
+        to eager for good, with one warning line."""
+        fn, eager = self._fns[name], self._eager[name]
+        if fn is eager:
+            return fn(*args)
+        try:
+            return fn(*args)
+        except Exception as e:
+            lines = str(e).strip().splitlines()
+            print(
+                f"warning: torch.compile of the {name} failed ({type(e).__name__}: "
+                f"{lines[0][:160] if lines else ''}); running it eagerly",
+                file=sys.stderr,
+            )
+            self._fns[name] = eager
+            return eager(*args)
+
+    # -- public --
+
+    def __call__(self, step, rank: int = 0, world_size: int = 1) -> dict[str, torch.Tensor]:
+        if isinstance(step, Mapping):  # the former call (batch, step, generator)
+            batch, step, generator = step, rank, world_size
+            rng = None
+            if isinstance(generator, torch.Generator):
+                n = batch["rgb"].shape[0]
+                rng = torch.randint(
+                    0, 2**32, (n,), generator=generator, device=generator.device
+                ).to(self.device)
+            return self.run_batch(batch, step, rng=rng)
+        if self.sampler is None:
+            raise ValueError("this train step has no sampler: use run_batch(batch, step)")
+        return self._run(None, step, rank, world_size, None, None)
+
+    def run_batch(
+        self,
+        batch: Mapping[str, torch.Tensor],
+        step: int,
+        rng: torch.Tensor | None = None,
+        train_frac: float | None = None,
+    ) -> dict[str, torch.Tensor]:
+        return self._run(dict(batch), step, 0, 1, rng, train_frac)
+
+    def _run(self, batch, step, rank, world_size, rng, train_frac):
+        tcfg = self.cfg.train
+        step = int(step)  # a Python int (or a CPU tensor): no device read
+        if train_frac is None:
+            train_frac = train_frac_at(step, tcfg.max_steps)
+        dev = self.device
+        step_t = torch.full((), step, dtype=torch.int64, device=dev)
+        frac_t = torch.full((), float(train_frac), dtype=torch.float32, device=dev)
+        lr = lr_at_update(step, tcfg)
+        if self._tensor_lr:
+            self._lr.fill_(lr)
+            for group in self.optimizer.param_groups:
+                group["lr"] = self._lr_used
+        else:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        total, losses, mses = self._call("forward", batch, step_t, frac_t, rank, world_size, rng)
+        total.backward()
+        if self.grad_reduce is not None:
+            self.grad_reduce([p.grad for p in self.params if p.grad is not None])
+        norms, finite = self._call("update", total)
+        return self._stats(total, losses, mses, norms, finite, frac_t, lr)
+
+    def _stats(self, total, losses, mses, norms, finite, frac_t, lr) -> dict[str, torch.Tensor]:
+        zero = torch.zeros((), device=self.device)
+        out = {"loss": total.detach()}
+        out.update({k: v.detach() for k, v in losses.items()})
+        for k in ("interlevel", "distortion"):
+            out.setdefault(k, zero)
+        mses = mses.detach()
+        psnrs = mse_to_psnr(mses)
+        for i in range(mses.shape[0]):
+            out[f"mse_{i}"] = mses[i]
+            out[f"psnr_{i}"] = psnrs[i]
+        out["psnr"] = psnrs[-1]
+        for name, norm in norms.items():
+            out[f"grad_norm_{name}"] = norm.detach()
+        out["lr"] = self._lr.clone() if self._tensor_lr else torch.full((), lr, device=self.device)
+        out["train_frac"] = frac_t
+        out["finite"] = finite
+        return out
+
+
+def make_train_step(
+    model,
+    optimizer,
+    cfg: Config,
+    *,
+    sampler=None,
+    grad_reduce: Callable[[list[torch.Tensor]], None] | None = None,
+    compile: bool | None = None,
+) -> TrainStep:
+    """The train step for ``cfg`` (torch.compile per cfg.train.compile unless ``compile``
+    says; see TrainStep)."""
     device = next(model.parameters()).device
-    return TrainStep(model, optimizer, cfg, compile=resolve_compile(cfg.train.compile, device))
+    if compile is None:
+        compile = resolve_compile(cfg.train.compile, device)
+    return TrainStep(
+        model, optimizer, cfg, sampler=sampler, grad_reduce=grad_reduce, compile=compile
+    )
 
 
 def train_step(
@@ -290,7 +457,7 @@ def train_step(
     batch: Mapping[str, torch.Tensor],
     step: int,
     cfg: Config,
-    generator: torch.Generator | None = None,
-) -> dict[str, float]:
-    """One eager training step (see TrainStep); ``step`` is 1-based."""
-    return TrainStep(model, optimizer, cfg, compile=False)(batch, step, generator)
+    rng: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """One eager training step on ``batch`` (see TrainStep); ``step`` is 1-based."""
+    return TrainStep(model, optimizer, cfg, compile=False).run_batch(batch, step, rng=rng)

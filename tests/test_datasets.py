@@ -1,5 +1,6 @@
 """datasets.py: golden parity with multinerf's LLFF loader, bird, Blender, sampler, bad input."""
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -9,13 +10,23 @@ import pytest
 import torch
 from PIL import Image as PILImage
 
-from mipnerf360 import camera, colmap, datasets
+from mipnerf360 import camera, colmap, datasets, io
 from mipnerf360.configs import DataConfig
+from mipnerf360.errors import UserError
+from mipnerf360.model import RAY_KEYS
 
 HERE = Path(__file__).parent
 GOLDEN = HERE / "golden"
 BIRD = HERE / "data" / "bird"
-RAY_KEYS = ("origins", "directions", "viewdirs", "radii", "near", "far")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cache(tmp_path_factory):
+    """Our cache folder (downsampled images) in a temporary folder, not ~/.cache."""
+    root = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MIPNERF360_CACHE", str(root))
+        yield root
 
 
 # ---------------------------------------------------------------------------
@@ -81,8 +92,11 @@ def test_llff_loader_golden(tmp_path, variant, with_small):
     ff = variant == "forward_facing"
     scene_dir = _write_golden_scene(d, tmp_path, with_small)
     s = datasets.load_scene(scene_dir, _golden_cfg(d, ff))
-    if not with_small:  # the loader made images_4 itself (mean-pool of the f x f blocks)
-        assert sorted(p.stem for p in (scene_dir / "images_4").iterdir()) == [
+    if not with_small:  # the loader made images_4 in our cache (mean-pool of the blocks)
+        assert not (scene_dir / "images_4").exists()
+        made = datasets.ensure_downsampled(scene_dir, 4)
+        assert made.parent == datasets.cache_root() / "images"
+        assert sorted(p.stem for p in made.glob("*.png")) == [
             Path(n).stem for n in d["in_sorted_names"]
         ]
     assert s.names == [str(n) for n in d["in_sorted_names"]]
@@ -187,9 +201,8 @@ def bird_colmap(bird_copy):
 def test_bird_colmap(bird_copy, bird_colmap):
     s = bird_colmap
     assert not (BIRD / "images_8").exists()  # never written into tests/data
-    assert (bird_copy / "images_8").is_dir() and len(
-        list((bird_copy / "images_8").iterdir())
-    ) == 184
+    assert not (bird_copy / "images_8").exists()  # nor into a scene folder: into our cache
+    assert len(list(datasets.ensure_downsampled(bird_copy, 8).glob("*.png"))) == 184
     assert s.images.shape == (184, 120, 68, 3) and s.images.dtype == np.float32
     assert s.names == sorted(s.names) and s.names[0] == "001.jpg"
     np.testing.assert_array_equal(s.i_test, np.arange(0, 184, 8))
@@ -225,7 +238,7 @@ def test_bird_llff_hwf_intrinsics(bird_copy, tmp_path):
     """Without sparse/0 the LLFF loader takes the intrinsics from hwf, as LLFF does."""
     scene = tmp_path / "bird_llff"
     scene.mkdir()
-    (scene / "images_8").symlink_to(bird_copy / "images_8")
+    (scene / "images_8").symlink_to(datasets.ensure_downsampled(bird_copy, 8))
     shutil.copy(bird_copy / "poses_bounds.npy", scene)
     cfg = DataConfig(dataset_type="llff", factor=8, forward_facing=True, near=0.0, far=1.0)
     s = datasets.load_scene(scene, cfg)
@@ -294,26 +307,6 @@ def test_missing_image(tmp_path):
         datasets.load_scene(scene, _golden_cfg(d, False))
 
 
-def test_truncated_images_bin(tmp_path):
-    d = dict(np.load(GOLDEN / "llff_loader_360.npz"))
-    scene = _write_golden_scene(d, tmp_path)
-    p = scene / "sparse" / "0" / "images.bin"
-    p.write_bytes(p.read_bytes()[:-30])
-    with pytest.raises(colmap.ColmapError, match=r"images\.bin.*truncated"):
-        datasets.load_scene(scene, _golden_cfg(d, False))
-
-
-def test_unknown_camera_model_id(tmp_path):
-    d = dict(np.load(GOLDEN / "llff_loader_360.npz"))
-    scene = _write_golden_scene(d, tmp_path)
-    p = scene / "sparse" / "0" / "cameras.bin"
-    raw = bytearray(p.read_bytes())
-    raw[12:16] = (99).to_bytes(4, "little")
-    p.write_bytes(bytes(raw))
-    with pytest.raises(colmap.ColmapError, match=r"cameras\.bin.*unknown camera model id 99"):
-        datasets.load_scene(scene, _golden_cfg(d, False))
-
-
 def test_unsupported_camera_model(tmp_path):
     d = dict(np.load(GOLDEN / "llff_loader_360.npz"))
     scene = _write_golden_scene(d, tmp_path)
@@ -362,6 +355,7 @@ def test_missing_scene_and_bad_type(tmp_path):
 def test_downsample_cache_atomic(tmp_path, monkeypatch):
     d = dict(np.load(GOLDEN / "llff_loader_360.npz"))
     scene = _write_golden_scene(d, tmp_path, with_small=False)
+    monkeypatch.setenv("MIPNERF360_CACHE", str(tmp_path / "cache"))
     calls = {"n": 0}
     real = datasets.downsample_image
 
@@ -374,19 +368,60 @@ def test_downsample_cache_atomic(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "downsample_image", flaky)
     with pytest.raises(KeyboardInterrupt):
         datasets.ensure_downsampled(scene, 4)
-    assert sorted(p.name for p in scene.iterdir()) == ["images", "sparse"]  # no half folder
+    assert list((tmp_path / "cache" / "images").iterdir()) == []  # no half folder
     monkeypatch.setattr(datasets, "downsample_image", real)
     # two concurrent builders: both succeed, one complete folder results
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(2) as pool:
         outs = list(pool.map(lambda _: datasets.ensure_downsampled(scene, 4), range(2)))
-    assert outs[0] == outs[1] == scene / "images_4"
-    assert sorted(p.name for p in scene.iterdir()) == ["images", "images_4", "sparse"]
-    assert len(list(outs[0].iterdir())) == 17
+    assert outs[0] == outs[1] and outs[0].parent == tmp_path / "cache" / "images"
+    assert [p.name for p in outs[0].parent.iterdir()] == [outs[0].name]
+    assert len(list(outs[0].glob("*.png"))) == 17
+    assert sorted(p.name for p in scene.iterdir()) == ["images", "sparse"]  # scene untouched
     # non-divisible sizes use PIL's box filter with rounded sizes
     odd = datasets.downsample_image(np.full((10, 7, 3), 200, np.uint8), 4)
     assert odd.shape == (3, 2, 3) and (odd == 200).all()
+
+
+def _snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*")}
+
+
+def test_read_only_scene_uses_our_cache(tmp_path, monkeypatch):
+    """A read-only scene without images_4 loads; the copy goes to our cache (umask modes)."""
+    d = dict(np.load(GOLDEN / "llff_loader_360.npz"))
+    scene = _write_golden_scene(d, tmp_path / "data", with_small=False)
+    monkeypatch.setenv("MIPNERF360_CACHE", str(tmp_path / "cache"))
+    ref = datasets.load_scene(_write_golden_scene(d, tmp_path / "ref"), _golden_cfg(d, False))
+    before = _snapshot(scene)
+    for p in [scene, *scene.rglob("*")]:
+        p.chmod(0o555 if p.is_dir() else 0o444)
+    try:
+        s = datasets.load_scene(scene, _golden_cfg(d, False))
+    finally:
+        for p in [scene, *scene.rglob("*")]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+    assert _snapshot(scene) == before  # nothing written into the scene folder
+    np.testing.assert_array_equal(s.images, ref.images)  # = the shipped images_4
+    (made,) = (tmp_path / "cache" / "images").iterdir()
+    mask = io.umask()
+    assert made.stat().st_mode & 0o777 == 0o777 & ~mask  # not mkdtemp's 0700
+    assert {p.stat().st_mode & 0o777 for p in made.iterdir()} == {0o666 & ~mask}
+
+
+def test_cache_is_rebuilt_when_the_source_changes(tmp_path, monkeypatch):
+    d = dict(np.load(GOLDEN / "llff_loader_360.npz"))
+    scene = _write_golden_scene(d, tmp_path, with_small=False)
+    monkeypatch.setenv("MIPNERF360_CACHE", str(tmp_path / "cache"))
+    cfg = _golden_cfg(d, False)
+    first = datasets.load_scene(scene, cfg)
+    name = str(d["in_sorted_names"][0])
+    img = np.asarray(PILImage.open(scene / "images" / name))
+    PILImage.fromarray(255 - img).save(scene / "images" / name)
+    second = datasets.load_scene(scene, cfg)
+    np.testing.assert_allclose(second.images[0], 1 - first.images[0], atol=1e-6)
+    np.testing.assert_array_equal(second.images[1:], first.images[1:])
 
 
 def test_downsample_is_block_mean():
@@ -451,3 +486,178 @@ def test_corrupt_image_and_count_mismatch(tmp_path):
     victim.unlink()
     with pytest.raises(datasets.DatasetError, match=r"images_4.*16 images.*17"):
         datasets.load_scene(scene, _golden_cfg(d, False))
+
+
+# ---------------------------------------------------------------------------
+# Image formats
+
+
+def _png(arr: np.ndarray) -> bytes:
+    """A PNG file (no filtering) of uint8/uint16 [H,W] or [H,W,C], C = 2 (gray+alpha),
+    3 or 4: Pillow cannot write 16-bit colour PNGs."""
+    import struct
+    import zlib
+
+    arr = arr if arr.ndim == 3 else arr[..., None]
+    h, w, c = arr.shape
+    bits = 16 if arr.dtype == np.uint16 else 8
+    colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[c]
+    big = arr.astype(">u2" if bits == 16 else "u1")
+    raw = b"".join(b"\x00" + big[y].tobytes() for y in range(h))
+
+    def chunk(kind, data):
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", w, h, bits, colour_type, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
+
+
+def _write_llff(scene: Path, images: list, names=None) -> Path:
+    """An LLFF scene (images/ + poses_bounds.npy) of the given files' bytes or arrays."""
+    (scene / "images").mkdir(parents=True)
+    names = names or [f"{i:02d}.png" for i in range(len(images))]
+    for name, img in zip(names, images, strict=True):
+        path = scene / "images" / name
+        if isinstance(img, bytes):
+            path.write_bytes(img)
+        else:
+            PILImage.fromarray(img).save(path)
+    h, w = 8, 12
+    rows = np.zeros((len(images), 3, 5))
+    rows[:, :, :3] = np.eye(3)
+    rows[:, :, 3] = np.random.default_rng(0).normal(size=(len(images), 3))
+    rows[:, :, 4] = [h, w, 10.0]
+    bounds = np.tile([1.0, 5.0], (len(images), 1))
+    np.save(scene / "poses_bounds.npy", np.concatenate([rows.reshape(-1, 15), bounds], 1))
+    return scene
+
+
+def test_bit_depths_and_channels_load_scaled(tmp_path):
+    """8/16-bit gray, gray+alpha, RGB and RGBA PNGs load as RGB in [0, 1]."""
+    rng = np.random.default_rng(1)
+    files, expect, tol = [], [], []
+    for bits, dtype in ((8, np.uint8), (16, np.uint16)):
+        top = 2**bits - 1
+        for c in (1, 2, 3, 4):
+            arr = rng.integers(0, top + 1, size=(8, 12, c)).astype(dtype)
+            files.append(_png(arr if c > 1 else arr[..., 0]))
+            rgb = np.repeat(arr[..., :1], 3, -1) if c <= 2 else arr[..., :3]
+            expect.append(rgb / top)
+            # 16-bit gray is exact; Pillow reads 16-bit colour PNGs at 8 bits (high byte).
+            # The factor-2 copies are rounded to the bit depth they are stored at.
+            lsb = 1 / 65535 if bits == 16 and c == 1 else 1 / 255
+            tol.append((1e-7 if bits == 8 or c == 1 else 1 / 255, 0.5 * lsb))
+    scene = _write_llff(tmp_path / "s", files)
+    for factor in (1, 2):
+        s = datasets.load_scene(scene, DataConfig(dataset_type="llff", factor=factor))
+        assert s.images.dtype == np.float32 and s.images.shape[1:] == (8 // factor, 12 // factor, 3)
+        for i in range(len(files)):
+            want = expect[i] if factor == 1 else datasets.downsample_image(expect[i], factor)
+            t = tol[i][0] + (0 if factor == 1 else tol[i][1])
+            np.testing.assert_allclose(s.images[i], want, rtol=0, atol=t, err_msg=str(i))
+
+
+def test_exif_rotation_warns_once_and_keeps_raw_pixels(tmp_path, capsys):
+    rng = np.random.default_rng(2)
+    exif = PILImage.Exif()
+    exif[datasets.EXIF_ORIENTATION] = 6  # "rotate 90 degrees clockwise to view"
+    files = []
+    for i in range(3):
+        buf = __import__("io").BytesIO()
+        img = PILImage.fromarray(rng.integers(0, 256, size=(8, 12, 3), dtype=np.uint8))
+        img.save(buf, format="JPEG", exif=exif.tobytes() if i else b"")
+        files.append(buf.getvalue())
+    names = ["a.jpg", "b.jpg", "c.jpg"]
+    scene = _write_llff(tmp_path / "s", files, names)
+    capsys.readouterr()
+    s = datasets.load_scene(scene, DataConfig(dataset_type="llff"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(scene / "images" / "b.jpg") in err[0], err
+    assert "EXIF orientation 6" in err[0] and "1 more" in err[0]
+    raw = np.asarray(PILImage.open(scene / "images" / "b.jpg"))  # stored order
+    assert s.images.shape == (3, 8, 12, 3)
+    np.testing.assert_array_equal(s.images[1], (raw / 255.0).astype(np.float32))
+
+
+def test_poses_bounds_not_npy(tmp_path):
+    scene = _write_llff(tmp_path / "s", [np.zeros((8, 12, 3), np.uint8)] * 2)
+    (scene / "poses_bounds.npy").write_text("0 1 2 3\n4 5 6 7\n")
+    with pytest.raises(datasets.DatasetError, match=r"poses_bounds\.npy: not a NumPy") as e:
+        datasets.load_scene(scene, DataConfig(dataset_type="llff"))
+    assert "pickle" not in str(e.value)
+    np.save(scene / "poses_bounds.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(datasets.DatasetError, match=r"poses_bounds\.npy: cannot read") as e:
+        datasets.load_scene(scene, DataConfig(dataset_type="llff"))
+    assert "pickle" not in str(e.value)
+    (scene / "poses_bounds.npy").write_bytes(b"\x93NUMPY\x01\x00")  # truncated header
+    with pytest.raises(datasets.DatasetError, match=r"poses_bounds\.npy: cannot read"):
+        datasets.load_scene(scene, DataConfig(dataset_type="llff"))
+
+
+def test_bad_blender_json_values(tmp_path):
+    _write_blender(tmp_path / "lego")
+    path = tmp_path / "lego" / "transforms_test.json"
+    meta = json.loads(path.read_text())
+    cases = [
+        ({**meta, "camera_angle_x": "wide"}, "camera_angle_x"),
+        ({**meta, "frames": [{"file_path": "./test/r_0", "transform_matrix": [1, 2]}]}, "4x4"),
+    ]
+    for bad, what in cases:
+        path.write_text(json.dumps(bad))
+        with pytest.raises(datasets.DatasetError, match=f"transforms_test.json.*{what}"):
+            datasets.load_scene(tmp_path / "lego", DataConfig(dataset_type="blender"))
+    path.write_bytes(b"\xff\xfe{")
+    with pytest.raises(UserError, match="transforms_test.json: not valid JSON"):
+        datasets.load_scene(tmp_path / "lego", DataConfig(dataset_type="blender"))
+
+
+# ---------------------------------------------------------------------------
+# Loader table and fingerprint
+
+
+def test_loader_table_is_what_load_scene_uses(tmp_path, monkeypatch):
+    assert datasets.DATASET_TYPES == tuple(datasets.LOADERS) == ("colmap", "llff", "blender")
+    assert [datasets.LOADERS[t].needs_downsampled_images for t in datasets.DATASET_TYPES] == [
+        True,
+        True,
+        False,
+    ]
+    calls = []
+    toy = datasets.Loader(
+        precheck=lambda d, cfg: calls.append(("precheck", d)),
+        load=lambda d, cfg: calls.append(("load", d)) or "a scene",
+        needs_downsampled_images=False,
+    )
+    monkeypatch.setitem(datasets.LOADERS, "toy", toy)
+    assert datasets.load_scene(tmp_path, DataConfig(dataset_type="toy")) == "a scene"
+    assert calls == [("precheck", tmp_path), ("load", tmp_path)]
+
+
+def test_scene_fingerprint(tmp_path):
+    d = dict(np.load(GOLDEN / "llff_loader_360.npz"))
+    cfg = _golden_cfg(d, False)
+    a = datasets.load_scene(_write_golden_scene(d, tmp_path / "a"), cfg)
+    b = datasets.load_scene(_write_golden_scene(d, tmp_path / "b"), cfg)  # a copy elsewhere
+    fp = datasets.scene_fingerprint(a)
+    assert len(fp) == 32 and fp == datasets.scene_fingerprint(b)
+    b.camtoworlds = b.camtoworlds + 1e-13  # last-bit noise of another machine's LAPACK
+    assert datasets.scene_fingerprint(b) == fp
+    changed = []
+    for field, value in (
+        ("images", a.images.copy()),
+        ("camtoworlds", a.camtoworlds + np.eye(3, 4) * 1e-6),
+        ("pixtocams", a.pixtocams * np.float32(1.001)),
+        ("i_test", a.i_test[:-1]),
+        ("far", a.far * 2),
+    ):
+        if field == "images":
+            value[3, 2, 1, 0] += 1 / 255
+        changed.append(datasets.scene_fingerprint(dataclasses.replace(a, **{field: value})))
+    assert fp not in changed and len(set(changed)) == len(changed)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mipnerf360 import coord
+from mipnerf360 import coord, sampling
 from mipnerf360 import model as M
 from mipnerf360.configs import MLPConfig
 
@@ -26,6 +26,10 @@ def _flax_params(d):
 
 def _rays(d):
     return {k: torch.tensor(d[f"in_ray_{k}"]) for k in M.RAY_KEYS}
+
+
+def _keys(seed, n, step=1):
+    return sampling.ray_keys(seed, step, torch.arange(n))
 
 
 def _tiny(d):
@@ -115,7 +119,7 @@ def test_forward_matches_multinerf(golden_fwd, tf):
     model = _tiny(d)
     rays = _rays(d)
     with torch.no_grad():
-        renderings, history = model(rays, float(tf), generator=None, compute_extras=True)
+        renderings, history = model(rays, float(tf), rng=None, compute_extras=True)
     assert len(renderings) == len(history) == 3
     t_to_s, _ = coord.construct_ray_warps("reciprocal", rays["near"][:, 0], rays["far"][:, 0])
     for lvl in range(3):
@@ -163,9 +167,9 @@ def test_training_jitter_is_seeded_and_per_ray(golden_fwd):
     rays = _rays(golden_fwd)
     with torch.no_grad():
         _, h_eval = model(rays, 0.5)
-        _, h_a = model(rays, 0.5, generator=torch.Generator().manual_seed(1))
-        _, h_b = model(rays, 0.5, generator=torch.Generator().manual_seed(1))
-        _, h_c = model(rays, 0.5, generator=torch.Generator().manual_seed(2))
+        _, h_a = model(rays, 0.5, rng=_keys(1, 6))
+        _, h_b = model(rays, 0.5, rng=_keys(1, 6))
+        _, h_c = model(rays, 0.5, rng=_keys(2, 6))
     for lvl in range(3):
         assert torch.equal(h_a[lvl]["sdist"], h_b[lvl]["sdist"])
         assert not torch.equal(h_a[lvl]["sdist"], h_c[lvl]["sdist"])
@@ -179,10 +183,27 @@ def test_training_jitter_is_seeded_and_per_ray(golden_fwd):
     np.testing.assert_allclose(steps.numpy(), steps[:, :1].expand_as(steps).numpy(), atol=1e-6)
 
 
+def test_jitter_depends_on_the_ray_key_not_the_batch_split(golden_fwd):
+    """A ray's jitter is a function of its key (seed, step, global index): rendering rays
+    3..5 alone gives their rows of the full batch, bit for bit (data-parallel ranks)."""
+    model = _tiny(golden_fwd)
+    rays = _rays(golden_fwd)
+    keys = _keys(7, 6, step=42)
+    with torch.no_grad():
+        r_all, h_all = model(rays, 0.5, rng=keys)
+        r_part, h_part = model({k: v[3:] for k, v in rays.items()}, 0.5, rng=keys[3:])
+    for lvl in range(3):
+        assert torch.equal(h_part[lvl]["sdist"], h_all[lvl]["sdist"][3:])
+    torch.testing.assert_close(r_part[-1]["rgb"], r_all[-1]["rgb"][3:], rtol=1e-6, atol=1e-7)
+    with torch.no_grad():  # another step: other jitter
+        _, h_next = model(rays, 0.5, rng=_keys(7, 6, step=43))
+    assert not torch.equal(h_next[0]["sdist"], h_all[0]["sdist"])
+
+
 def test_stop_gradient_between_levels(golden_fwd):
     """The data loss on the NeRF level must not reach the proposal MLP (stop_level_grad)."""
     model = _tiny(golden_fwd)
-    renderings, _ = model(_rays(golden_fwd), 0.5, generator=torch.Generator().manual_seed(0))
+    renderings, _ = model(_rays(golden_fwd), 0.5, rng=_keys(0, 6))
     renderings[-1]["rgb"].sum().backward()
     assert all(p.grad is None or torch.all(p.grad == 0) for p in model.prop_mlp.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.nerf_mlp.parameters())

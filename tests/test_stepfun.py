@@ -174,10 +174,13 @@ def test_sample_with_generator():
     tt, w = random_stepfun(gen_data, n=16)
     logits = torch.log(w)  # -inf for empty bins
     for single_jitter in (False, True):
-        s1 = stepfun.sample(torch.Generator().manual_seed(0), tt, logits, 64, single_jitter)
-        s2 = stepfun.sample(torch.Generator().manual_seed(0), tt, logits, 64, single_jitter)
+        d = 1 if single_jitter else 64
+        r1 = torch.rand(3, 4, d, generator=torch.Generator().manual_seed(0))
+        r3 = torch.rand(3, 4, d, generator=torch.Generator().manual_seed(1))
+        s1 = stepfun.sample(r1, tt, logits, 64, single_jitter)
+        s2 = stepfun.sample(r1.clone(), tt, logits, 64, single_jitter)
         torch.testing.assert_close(s1, s2, rtol=0, atol=0)
-        s3 = stepfun.sample(torch.Generator().manual_seed(1), tt, logits, 64, single_jitter)
+        s3 = stepfun.sample(r3, tt, logits, 64, single_jitter)
         assert not torch.equal(s1, s3)
         assert s1.shape == (3, 4, 64)
         assert torch.all(torch.diff(s1, dim=-1) >= 0)
@@ -190,8 +193,8 @@ def test_sample_intervals_sorted_and_in_domain():
     gen_data = torch.Generator().manual_seed(14)
     tt, w = random_stepfun(gen_data, n=16)
     logits = torch.log(w)
-    for gen in (None, torch.Generator().manual_seed(3)):
-        edges = stepfun.sample_intervals(gen, tt, logits, 32, single_jitter=True, domain=(0, 1))
+    for rand in (None, torch.rand(3, 4, 1, generator=torch.Generator().manual_seed(3))):
+        edges = stepfun.sample_intervals(rand, tt, logits, 32, single_jitter=True, domain=(0, 1))
         assert edges.shape == (3, 4, 33)
         assert torch.all(torch.diff(edges, dim=-1) >= 0)
         assert torch.all(edges >= 0) and torch.all(edges <= 1)
