@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         # MIPNERF360_DEBUG=1 shows it.
         if os.environ.get("MIPNERF360_DEBUG"):
             raise
-        print(f"mipnerf360 {cmd}: error: {e}", file=sys.stderr)
+        if str(e):  # (a data-parallel rank > 0 leaves the message to rank 0)
+            print(f"mipnerf360 {cmd}: error: {e}", file=sys.stderr)
         return getattr(e, "exit_code", 1)
     return int(result or 0)
 
