@@ -1,7 +1,8 @@
 """Cameras, poses, rays and render paths (multinerf ``internal/camera_utils.py`` counterparts).
 
-Formulas follow the reference as described in /work/shared/reference/mipnerf360-spec.md
-(§2 camera/pose loading, §3 ray generation, §12 render paths); the code is our own.
+Formulas follow multinerf ``internal/camera_utils.py`` (pose normalisation, ray generation,
+render paths; each function names its counterpart); the code is our own. Golden checks
+against multinerf's outputs are in tests/test_camera.py.
 
 Conventions: poses are camera-to-world ``[..., 3, 4]`` matrices with OpenGL camera axes
 (x right, y up, z backward). ``pixtocam`` is the inverse intrinsic matrix (pixels ->
@@ -107,7 +108,8 @@ def _distortion_dict(distortion_params, xnp):
 
 
 def _compute_residual_and_jacobian(x, y, xd, yd, k1=0.0, k2=0.0, k3=0.0, k4=0.0, p1=0.0, p2=0.0):
-    """Residual of the radial-tangential model and its Jacobian (spec §3 step 3).
+    """Residual of the radial-tangential model and its Jacobian (multinerf
+    ``camera_utils._compute_residual_and_jacobian``).
 
     x_d = x (1 + k1 r + k2 r^2 + k3 r^3 + k4 r^4) + 2 p1 x y + p2 (r + 2 x^2), r = x^2 + y^2,
     and symmetrically for y with p1/p2 swapped.
@@ -142,7 +144,7 @@ def _radial_and_tangential_undistort(xd, yd, eps=1e-9, max_iterations=10, xnp=np
 
 
 def convert_to_ndc(origins, directions, pixtocam, near: float = 1.0, xnp=np):
-    """Rays [..., 3] -> NDC rays (forward-facing scenes; spec §3.7).
+    """Rays [..., 3] -> NDC rays (forward-facing scenes; multinerf ``camera_utils.convert_to_ndc``).
 
     Origins are first moved to the plane z = -near; pixtocam [3,3] or [..., 3, 3].
     Returns (origins_ndc, directions_ndc), each [..., 3].
@@ -168,7 +170,7 @@ def pixels_to_rays(
     camtype="perspective",
     xnp=np,
 ):
-    """Rays through pixel centres (spec §3).
+    """Rays through pixel centres (multinerf ``camera_utils.pixels_to_rays``).
 
     Args:
       pix_x_int, pix_y_int: integer pixel columns / rows, shape [...].
@@ -295,7 +297,8 @@ def focus_point_fn(poses: np.ndarray) -> np.ndarray:
 
 
 def transform_poses_pca(poses: np.ndarray):
-    """Align poses [N,3,4] with the principal axes of the camera centres (spec §2.4).
+    """Align poses [N,3,4] with the principal axes of the camera centres (multinerf
+    ``camera_utils.transform_poses_pca``).
 
     Returns (poses [N,3,4], transform [4,4]); camera centres end up in [-1, 1]^3, the
     largest principal direction along x and the mean camera up along +z.
@@ -329,7 +332,7 @@ FOCUS_DISTANCE = 0.75  # spiral path: relative weight of the far bound in the fo
 
 
 def generate_spiral_path(poses, bounds, n_frames=120, n_rots=2, zrate=0.5) -> np.ndarray:
-    """Forward-facing spiral render path [n_frames,3,4] (spec §12)."""
+    """Forward-facing spiral render path [n_frames,3,4] (``camera_utils.generate_spiral_path``)."""
     near_bound = bounds.min() * NEAR_STRETCH
     far_bound = bounds.max() * FAR_STRETCH
     focal = 1 / ((1 - FOCUS_DISTANCE) / near_bound + FOCUS_DISTANCE / far_bound)
@@ -371,7 +374,8 @@ def _sample_uniform_f32(t: np.ndarray, w_logits: np.ndarray, num_samples: int) -
 def generate_ellipse_path(
     poses, n_frames=120, const_speed=True, z_variation=0.0, z_phase=0.0
 ) -> np.ndarray:
-    """Elliptical inward-facing render path [n_frames,3,4] for 360 scenes (spec §12)."""
+    """Elliptical inward-facing render path [n_frames,3,4] for 360 scenes
+    (multinerf ``camera_utils.generate_ellipse_path``)."""
     center = focus_point_fn(poses)
     offset = np.array([center[0], center[1], 0])
     sc = np.percentile(np.abs(poses[:, :3, 3] - offset), 90, axis=0)

@@ -20,13 +20,13 @@ Poses are world-to-camera (``x_cam = R(qvec) x_world + tvec``), OpenCV camera ax
 
 from __future__ import annotations
 
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from mipnerf360 import io
 from mipnerf360.errors import UserError
 
 __all__ = [
@@ -176,7 +176,10 @@ class _Reader:
 
     def __init__(self, path: Path):
         self.path = path
-        self.data = path.read_bytes()
+        try:
+            self.data = path.read_bytes()
+        except OSError as e:
+            raise ColmapError(f"{path}: cannot read: {e.strerror or e}") from None
         self.pos = 0
 
     def read(self, fmt: str, what: str):
@@ -301,8 +304,19 @@ def read_points3D_binary(path) -> dict[int, Point3D]:
 # Text reading
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ColmapError(
+            f"{path}: not a COLMAP text file (not UTF-8 text at byte {e.start})"
+        ) from None
+    except OSError as e:
+        raise ColmapError(f"{path}: cannot read: {e.strerror or e}") from None
+
+
 def _text_lines(path: Path):
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    for lineno, line in enumerate(_read_text(path).splitlines(), 1):
         s = line.strip()
         if s and not s.startswith("#"):
             yield lineno, s
@@ -344,7 +358,7 @@ def read_images_text(path) -> dict[int, Image]:
     path = _existing(path)
     # Comments are skipped, but the 2D-point line of an image may be empty, so
     # we cannot drop blank lines: walk the raw lines after the header comments.
-    raw = path.read_text().splitlines()
+    raw = _read_text(path).splitlines()
     lines = [(i + 1, ln) for i, ln in enumerate(raw) if not ln.lstrip().startswith("#")]
     # Drop trailing blank lines only.
     while lines and not lines[-1][1].strip():
@@ -403,14 +417,7 @@ def read_points3D_text(path) -> dict[int, Point3D]:
 
 
 # ---------------------------------------------------------------------------
-# Writing (atomic: temporary name in the same folder, then os.replace)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+# Writing (atomic, through io.write_bytes)
 
 
 def write_cameras_binary(cameras: dict[int, Camera], path) -> None:
@@ -427,7 +434,7 @@ def write_cameras_binary(cameras: dict[int, Camera], path) -> None:
             )
         parts.append(struct.pack("<iiQQ", cam.id, model.model_id, cam.width, cam.height))
         parts.append(params.tobytes())
-    _atomic_write_bytes(Path(path), b"".join(parts))
+    io.write_bytes(path, b"".join(parts))
 
 
 def write_images_binary(images: dict[int, Image], path) -> None:
@@ -450,7 +457,7 @@ def write_images_binary(images: dict[int, Image], path) -> None:
         pts["x"], pts["y"], pts["id"] = xys[:, 0], xys[:, 1], ids
         parts.append(struct.pack("<Q", len(ids)))
         parts.append(pts.tobytes())
-    _atomic_write_bytes(Path(path), b"".join(parts))
+    io.write_bytes(path, b"".join(parts))
 
 
 def write_points3D_binary(points3D: dict[int, Point3D], path) -> None:
@@ -469,7 +476,7 @@ def write_points3D_binary(points3D: dict[int, Point3D], path) -> None:
             )
         )
         parts.append(np.stack([image_ids, idxs], -1).astype("<i4").tobytes())
-    _atomic_write_bytes(Path(path), b"".join(parts))
+    io.write_bytes(path, b"".join(parts))
 
 
 def _fmt(x) -> str:
@@ -485,7 +492,7 @@ def write_cameras_text(cameras: dict[int, Camera], path) -> None:
     for cam in cameras.values():
         params = " ".join(_fmt(v) for v in cam.params)
         lines.append(f"{cam.id} {cam.model} {cam.width} {cam.height} {params}")
-    _atomic_write_bytes(Path(path), ("\n".join(lines) + "\n").encode())
+    io.write_bytes(path, ("\n".join(lines) + "\n").encode())
 
 
 def write_images_text(images: dict[int, Image], path) -> None:
@@ -503,7 +510,7 @@ def write_images_text(images: dict[int, Image], path) -> None:
         lines.append(
             " ".join(f"{_fmt(x)} {_fmt(y)} {int(i)}" for (x, y), i in zip(xys, ids, strict=True))
         )
-    _atomic_write_bytes(Path(path), ("\n".join(lines) + "\n").encode())
+    io.write_bytes(path, ("\n".join(lines) + "\n").encode())
 
 
 def write_points3D_text(points3D: dict[int, Point3D], path) -> None:
@@ -519,7 +526,7 @@ def write_points3D_text(points3D: dict[int, Point3D], path) -> None:
             f"{int(a)} {int(b)}" for a, b in zip(p.image_ids, p.point2D_idxs, strict=True)
         )
         lines.append(f"{p.id} {xyz} {rgb} {_fmt(p.error)} {track}".rstrip())
-    _atomic_write_bytes(Path(path), ("\n".join(lines) + "\n").encode())
+    io.write_bytes(path, ("\n".join(lines) + "\n").encode())
 
 
 # ---------------------------------------------------------------------------
@@ -567,7 +574,6 @@ def read_model(path, ext: str | None = None):
 def write_model(cameras, images, points3D, path, ext: str = ".bin") -> None:
     """Write a COLMAP model (cameras, images, points3D dicts) into folder ``path``."""
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     points3D = {} if points3D is None else points3D
     if ext == ".bin":
         write_cameras_binary(cameras, path / "cameras.bin")

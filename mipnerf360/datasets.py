@@ -27,6 +27,7 @@ import hashlib
 import os
 import sys
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -209,14 +210,17 @@ def downsample_image(img: np.ndarray, factor: int) -> np.ndarray:
     return np.stack(out, -1).astype(img.dtype)
 
 
-def _png_bytes(img: np.ndarray) -> bytes:
-    """PNG encoding of uint8 [H,W,C] or uint16 [H,W,1] (16-bit grayscale)."""
+def _write_image(path: Path, img: np.ndarray) -> None:
+    """PNG file of uint8 [H,W,C] or uint16 [H,W,1] (16-bit grayscale: ``io.write_png``
+    takes 8-bit images only)."""
+    if img.dtype == np.uint8:
+        io.write_png(path, img)
+        return
     import io as bytes_io
 
-    arr = img[..., 0] if img.shape[-1] == 1 else img
     buf = bytes_io.BytesIO()
-    PILImage.fromarray(np.ascontiguousarray(arr)).save(buf, format="PNG")
-    return buf.getvalue()
+    PILImage.fromarray(np.ascontiguousarray(img[..., 0])).save(buf, format="PNG")
+    io.write_bytes(path, buf.getvalue())
 
 
 def _source_stamp(source: Path, factor: int) -> dict:
@@ -266,7 +270,7 @@ def downsample_folder(source: str | os.PathLike, target: str | os.PathLike, fact
         with io.atomic_dir(target) as tmp:
             for f, stem in zip(files, stems, strict=True):
                 small = downsample_image(read_image(source / f, rotated), factor)
-                io.write_bytes(tmp / f"{stem}.png", _png_bytes(small))
+                _write_image(tmp / f"{stem}.png", small)
             io.write_json(tmp / STAMP_FILE, stamp)
             if target.is_dir() and _stamp_matches(target, stamp):
                 raise _Built  # a concurrent builder finished first: keep its folder
@@ -312,7 +316,15 @@ def ensure_downsampled(scene_dir: str | os.PathLike, factor: int) -> Path:
     if target.is_dir() and _stamp_matches(target, _source_stamp(source, factor)):
         return target
     print(f"making {target} from {source} (factor {factor})", file=sys.stderr)
-    return downsample_folder(source, target, factor)
+    try:
+        return downsample_folder(source, target, factor)
+    except DatasetError:
+        raise
+    except UserError as e:  # the cache folder is not writable
+        raise DatasetError(
+            f"{e} (the scene has no {own.name}/; set {CACHE_ENV} to a writable folder for "
+            "our copy, or run `mipnerf360 prepare`)"
+        ) from None
 
 
 def _load_image_stack(paths: list[Path], what: str) -> tuple[np.ndarray, float]:
@@ -871,7 +883,17 @@ def scene_fingerprint(scene: Scene) -> str:
     def stable(arr) -> np.ndarray:  # -0.0 -> 0.0 so that signed zeros do not matter
         return np.round(np.asarray(arr, np.float64), 9) + 0.0
 
-    add("images", scene.images)
+    # Images: one digest per image, hashed in threads (hashlib releases the GIL), then
+    # combined in order; the bulk of the bytes.
+    images = np.asarray(scene.images)
+    h.update(f"images:{images.dtype.str}:{images.shape};".encode())
+
+    def digest(i: int) -> bytes:
+        return hashlib.blake2b(np.ascontiguousarray(images[i]).data, digest_size=16).digest()
+
+    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+        for d in pool.map(digest, range(len(images))):
+            h.update(d)
     add("camtoworlds", stable(scene.camtoworlds))
     add("pixtocams", stable(scene.pixtocams))
     if scene.distortion is not None:

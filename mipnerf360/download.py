@@ -10,7 +10,9 @@
   ``<archive>.sha256`` (and checked against that record on later runs).
 * The zip is tested (central directory, member CRCs, no member outside the target) before
   anything is extracted; extraction goes to a temporary folder beside ``DEST_DIR`` that is
-  renamed to ``DEST_DIR`` at the end, so ``DEST_DIR`` is either complete or absent.
+  renamed to ``DEST_DIR`` at the end (``io.atomic_dir``), so ``DEST_DIR`` is either complete
+  or absent. The ``.part`` file is the one file written outside ``io``: it is appended to
+  as the bytes arrive (archives are gigabytes), and renamed when complete.
 """
 
 from __future__ import annotations
@@ -19,9 +21,6 @@ import argparse
 import hashlib
 import http.client
 import os
-import shutil
-import sys
-import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -31,6 +30,7 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path
 
+from mipnerf360 import io
 from mipnerf360.errors import UserError
 
 CHUNK = 1 << 20
@@ -43,9 +43,12 @@ class DownloadError(UserError, RuntimeError):
 def sha256sum(path: str | os.PathLike) -> str:
     """Hex sha256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            h.update(block)
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(CHUNK), b""):
+                h.update(block)
+    except OSError as e:
+        raise DownloadError(f"{os.fspath(path)}: cannot read: {e.strerror or e}") from None
     return h.hexdigest()
 
 
@@ -73,7 +76,12 @@ def fetch(
     """
     path = Path(path)
     part = path.with_name(path.name + ".part")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if urllib.parse.urlparse(url).scheme not in ("http", "https", "file", "ftp"):
+        raise DownloadError(f"{url}: not a URL (expected http://, https://, ftp:// or file://)")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DownloadError(f"{path.parent}: cannot create the folder: {e.strerror or e}") from None
     err: Exception | None = None
     for attempt in range(1, retries + 1):
         have = part.stat().st_size if part.exists() else 0
@@ -150,16 +158,12 @@ def extract(archive: str | os.PathLike, dest: str | os.PathLike) -> Path:
     macOS resource forks (``__MACOSX/``) are skipped."""
     archive, dest = os.fspath(archive), Path(dest)
     verify_zip(archive)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
-    try:
-        with zipfile.ZipFile(archive) as zf:
-            members = [m for m in zf.namelist() if not m.startswith("__MACOSX/")]
+    with io.atomic_dir(dest) as tmp, zipfile.ZipFile(archive) as zf:
+        members = [m for m in zf.namelist() if not m.startswith("__MACOSX/")]
+        try:
             zf.extractall(tmp, members=members)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        except OSError as e:
+            raise DownloadError(f"{dest}: cannot extract {archive}: {e.strerror or e}") from None
     return dest
 
 
@@ -178,7 +182,8 @@ def check_sha256(
             )
         log(f"{archive}: sha256 {actual} matches the pinned value")
     elif record.exists():
-        recorded = record.read_text().split()[0] if record.read_text().strip() else ""
+        text = record.read_text(errors="replace")
+        recorded = text.split()[0] if text.strip() else ""
         if recorded.lower() != actual:
             raise DownloadError(
                 f"{archive}: sha256 {actual} differs from the one recorded in {record} "
@@ -186,9 +191,7 @@ def check_sha256(
             )
         log(f"{archive}: sha256 {actual} matches {record}")
     else:
-        tmp = record.with_name(record.name + ".tmp")
-        tmp.write_text(f"{actual}  {archive.name}\n")
-        os.replace(tmp, record)
+        io.write_text(record, f"{actual}  {archive.name}\n")
         log(f"{archive}: sha256 {actual} (not pinned; recorded in {record})")
     return actual
 
@@ -208,11 +211,13 @@ def download(
         name = os.path.basename(urllib.parse.urlparse(url).path) or "archive.zip"
         archive = Path("resources") / name
     archive = Path(archive)
+    if dest.exists() and not dest.is_dir():
+        raise DownloadError(f"{dest}: exists and is not a folder")
+    if archive.is_dir():
+        raise DownloadError(f"{archive}: is a folder, not an archive file")
     if dest.exists() and any(dest.iterdir()):
         log(f"{dest} already exists (extraction is atomic, so it is complete); nothing to do")
         return dest
-    if dest.exists():
-        dest.rmdir()
     if archive.exists():
         log(f"using the archive already at {archive} (no download)")
         downloaded = False
@@ -246,9 +251,5 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(msg, flush=True)
 
-    try:
-        download(a.url, a.dest, a.archive, a.sha256, log=log, retries=a.retries, timeout=a.timeout)
-    except DownloadError as e:
-        print(f"mipnerf360 download: error: {e}", file=sys.stderr)
-        return 1
+    download(a.url, a.dest, a.archive, a.sha256, log=log, retries=a.retries, timeout=a.timeout)
     return 0

@@ -62,17 +62,6 @@ def _link_entries(source: Path, folder: Path) -> None:
             raise PrepareError(f"{folder / entry.name}: cannot link: {e.strerror or e}") from None
 
 
-def link_scene(source: str | os.PathLike, target: str | os.PathLike) -> Path:
-    """``target``: a new folder of relative symlinks to every top-level entry of ``source``
-    (built beside ``target`` and renamed into place; an old ``target`` is replaced)."""
-    source, target = Path(source), Path(target)
-    if not source.is_dir():
-        raise PrepareError(f"{source}: scene folder not found")
-    with io.atomic_dir(target) as tmp:
-        _link_entries(source, tmp)
-    return target
-
-
 def make_manifest(scene, source: Path, prepared: Path, data_cfg: configs.DataConfig) -> dict:
     """The manifest dict of a loaded ``datasets.Scene``."""
     from mipnerf360 import datasets

@@ -37,16 +37,16 @@ the shading is view independent (Lambertian under a fixed light).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shutil
+import io as bytes_io
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import imageio.v3 as iio
 import numpy as np
 
-KINDS = ("360", "llff", "blender")
+from mipnerf360 import io
+from mipnerf360.errors import ConfigError, UserError
+
+KINDS = ("360", "llff", "blender")  # the layouts; the workflow's config schema checks against it
 GT_FILE = "synthetic_gt.npz"
 DEFAULTS = {  # kind -> (n_views, width, height)
     "360": (64, 128, 96),
@@ -432,38 +432,15 @@ def render_view(scene: Scene, c2w, intr, width: int, height: int, supersample: i
 
 def _check_kind(kind: str) -> None:
     if kind not in KINDS:
-        raise ValueError(f"unknown synthetic scene kind {kind!r}; choose one of {KINDS}")
+        raise ConfigError(f"unknown synthetic scene kind {kind!r}; choose one of {KINDS}")
 
 
-def _to_uint8(x: np.ndarray) -> np.ndarray:
-    return np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)
+def _downsample_u8(img: np.ndarray, factor: int) -> np.ndarray:
+    """``images_{f}`` of a uint8 image: the loaders' own area filter, so a shipped copy is
+    byte for byte what ``datasets.ensure_downsampled`` would make."""
+    from mipnerf360 import datasets
 
-
-def _write_png(path: Path, img_u8: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    iio.imwrite(tmp, img_u8, extension=path.suffix)
-    os.replace(tmp, path)
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def _write_npy(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npy")
-    np.save(tmp, arr)
-    os.replace(tmp, path)
-
-
-def area_downsample(img: np.ndarray, factor: int) -> np.ndarray:
-    """Mean over factor x factor blocks: [H, W, C] -> [H // f, W // f, C] (extra rows/cols cut)."""
-    h, w = img.shape[0] // factor, img.shape[1] // factor
-    x = img[: h * factor, : w * factor].astype(np.float64)
-    return x.reshape(h, factor, w, factor, -1).mean((1, 3))
+    return datasets.downsample_image(img, factor)
 
 
 def _colmap_points(scene, c2w, intr, width, height, distances, rng, per_view=48):
@@ -482,7 +459,7 @@ def _colmap_points(scene, c2w, intr, width, height, distances, rng, per_view=48)
     r = scene.cast(c2w[vi, :, 3], d)
     keep = r["hit"]
     xyz = r["points"][keep]
-    rgb = _to_uint8(r["rgb"][keep])
+    rgb = io.to_uint8(r["rgb"][keep])
     # project every point into every camera (OpenCV): x_cam = R^T (x - c)
     rel = xyz[None] - c2w[:, None, :, 3]  # [N, M, 3]
     cam = np.einsum("nji,nmj->nmi", c2w[:, :, :3], rel)
@@ -563,7 +540,10 @@ def poses_bounds(c2w: np.ndarray, intr: np.ndarray, height: int, width: int, vis
     mats = np.concatenate([rot, c2w[:, :, 3:], hwf[:, :, None]], -1)  # [N, 3, 5]
     zs = np.where(visible, z, np.nan)
     if np.any(np.all(np.isnan(zs), axis=1)):
-        raise RuntimeError("synthetic: a camera sees none of the sampled points")
+        raise UserError(
+            "generate: a camera sees none of the sampled surface points (no near/far bounds "
+            "for poses_bounds.npy); use larger images"
+        )
     bounds = np.stack([np.nanpercentile(zs, 0.1, axis=1), np.nanpercentile(zs, 99.9, axis=1)], -1)
     return np.concatenate([mats.reshape(-1, 15), bounds], -1)
 
@@ -606,21 +586,30 @@ def generate(
     n_views = dn if n_views is None else int(n_views)
     width = dw if width is None else int(width)
     height = dh if height is None else int(height)
-    if n_views < 1 or width < 8 or height < 8:
-        raise ValueError(
-            f"need n_views >= 1 and images of at least 8x8, got {n_views} views of {width}x{height}"
+    min_views = 1 if kind == "blender" else 2  # 360/llff: every 8th view is a test view
+    if n_views < min_views:
+        raise ConfigError(
+            f"views: need at least {min_views} for a {kind!r} scene (one to train on, one to "
+            f"test), got {n_views}"
         )
+    if width < 8 or height < 8:
+        raise ConfigError(f"width, height: images must be at least 8x8, got {width}x{height}")
+    if int(supersample) < 1:
+        raise ConfigError(f"supersample: must be >= 1 (rays per pixel side), got {supersample}")
+    if int(seed) < 0:
+        raise ConfigError(f"seed: must be >= 0, got {seed}")
     factors = tuple(int(f) for f in factors)
-    if any(f < 2 for f in factors):
-        raise ValueError(f"downsampling factors must be >= 2, got {factors}")
+    if any(f < 2 or f > min(width, height) for f in factors):
+        raise ConfigError(
+            f"factors: downsampling factors must be between 2 and the image size "
+            f"{min(width, height)}, got {factors}"
+        )
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty (use overwrite=True)")
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
+    with io.atomic_dir(out) as tmp:
         if kind == "blender":
             _generate_blender(tmp, n_views, width, height, seed, supersample)
         else:
@@ -636,12 +625,6 @@ def generate(
                 shared=(kind == "llff" or not per_image_intrinsics),
                 distortion=distortion,
             )
-        if out.exists():
-            shutil.rmtree(out) if any(out.iterdir()) else out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return str(out)
 
 
@@ -659,13 +642,13 @@ def _generate_colmap(
     distances = np.empty((n, height, width))
     for i in range(n):  # one view at a time keeps memory small
         rgb, _, distances[i] = render_view(scene, c2w[i], intr[i], width, height, supersample)
-        img = _to_uint8(rgb)
-        _write_png(out / "images" / names[i], img)
+        img = io.to_uint8(rgb)
+        io.write_png(out / "images" / names[i], img)
         for f in factors:
-            _write_png(out / f"images_{f}" / names[i], _to_uint8(area_downsample(img, f) / 255))
+            io.write_png(out / f"images_{f}" / names[i], _downsample_u8(img, f))
     xyz, prgb, visible, uv, z = _colmap_points(scene, c2w, intr, width, height, distances, rng)
     _write_colmap(out, names, c2w, intr, width, height, xyz, prgb, visible, uv, shared)
-    _write_npy(out / "poses_bounds.npy", poses_bounds(c2w, intr, height, width, visible, z))
+    io.write_npy(out / "poses_bounds.npy", poses_bounds(c2w, intr, height, width, visible, z))
     split = np.where(np.arange(n) % 8 == 0, "test", "train")  # sorted names, llffhold 8
     _save_gt(out, kind, seed, names, c2w, intr, distances, split, width, height)
 
@@ -685,7 +668,7 @@ def _generate_blender(out, n_train, width, height, seed, supersample):
         for k in range(count):
             rgb, alpha, dist = render_view(scene, c2w[i], intr[i], width, height, supersample)
             rgba = np.concatenate([rgb, alpha[..., None]], -1)
-            _write_png(out / s / f"r_{k}.png", _to_uint8(rgba))
+            io.write_png(out / s / f"r_{k}.png", io.to_uint8(rgba))
             gl = np.concatenate([opencv_to_opengl(c2w[i]), [[0.0, 0.0, 0.0, 1.0]]], 0)
             frames.append(
                 {"file_path": f"./{s}/r_{k}", "rotation": 0.0, "transform_matrix": gl.tolist()}
@@ -695,7 +678,7 @@ def _generate_blender(out, n_train, width, height, seed, supersample):
             distances.append(dist)
             i += 1
         doc = {"camera_angle_x": float(camera_angle_x), "frames": frames}
-        _write_bytes(out / f"transforms_{s}.json", json.dumps(doc, indent=2).encode())
+        io.write_json(out / f"transforms_{s}.json", doc)
     _save_gt(
         out,
         "blender",
@@ -711,9 +694,9 @@ def _generate_blender(out, n_train, width, height, seed, supersample):
 
 
 def _save_gt(out, kind, seed, names, c2w, intr, distances, split, width, height):
-    tmp = out / f".{GT_FILE}.tmp{os.getpid()}.npz"
+    buf = bytes_io.BytesIO()
     np.savez_compressed(
-        tmp,
+        buf,
         kind=np.array(kind),
         seed=np.array(seed),
         names=np.array(names),
@@ -724,7 +707,7 @@ def _save_gt(out, kind, seed, names, c2w, intr, distances, split, width, height)
         width=np.array(width),
         height=np.array(height),
     )
-    os.replace(tmp, out / GT_FILE)
+    io.write_bytes(out / GT_FILE, buf.getvalue())
 
 
 def load_ground_truth(scene_dir) -> dict:
@@ -764,7 +747,10 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty out_dir")
     p.add_argument("--distortion", action="store_true", help="360/llff: OPENCV lens distortion")
     a = p.parse_args(argv)
-    factors = tuple(int(f) for f in a.factors.split(",") if f.strip())
+    try:
+        factors = tuple(int(f) for f in a.factors.split(",") if f.strip())
+    except ValueError:
+        raise ConfigError(f"--factors: expected integers like 2,4, got {a.factors!r}") from None
     out = generate(
         a.out_dir,
         a.kind,

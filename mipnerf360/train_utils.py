@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
+from torch.optim.adam import adam as adam_update
 
 from mipnerf360 import stepfun
 from mipnerf360.configs import Config, TrainConfig
@@ -309,6 +310,15 @@ class TrainStep:
         if self.precision == "tf32":
             set_tf32(True)
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        group = optimizer.param_groups[0]
+        if (
+            not isinstance(optimizer, torch.optim.Adam)
+            or len(optimizer.param_groups) != 1
+            or group["amsgrad"]
+            or group["maximize"]
+            or group["decoupled_weight_decay"]
+        ):
+            raise ValueError("TrainStep needs the one-group Adam of create_optimizer")
         # The learning rate lives on the device: fused Adam takes a tensor lr, which the
         # update sets to 0 on a non-finite step without asking the host.
         self._tensor_lr = bool(optimizer.defaults.get("fused")) or bool(
@@ -336,12 +346,65 @@ class TrainStep:
             total, losses, mses = compute_losses(self.model, batch, frac_t, rng, tcfg)
         return total, losses, mses
 
-    def _update(self, total):
-        norms = clip_gradients(self.model, self.cfg.train)
-        finite = torch.isfinite(total.detach())
-        if self._tensor_lr:
-            self._lr_used.copy_(torch.where(finite, self._lr, torch.zeros_like(self._lr)))
-        self.optimizer.step()
+    def _adam_lists(self):
+        """(params, grads, exp_avgs, exp_avg_sqs, steps) of the Adam update, creating the
+        state on first use exactly as torch.optim.Adam does (so ``optimizer.state_dict()``
+        checkpoints and resumes it). Eager: dict look-ups only, no device work after the
+        first step."""
+        lists = ([], [], [], [], [])
+        for group in self.optimizer.param_groups:
+            on_device = group["capturable"] or group["fused"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.optimizer.state[p]
+                if len(state) == 0:
+                    state["step"] = torch.zeros(
+                        (), dtype=torch.float32, device=p.device if on_device else "cpu"
+                    )
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                for out, v in zip(
+                    lists,
+                    (p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"]),
+                    strict=True,
+                ):
+                    out.append(v)
+        return lists
+
+    def _update(self, total, params, grads, exp_avgs, exp_avg_sqs, steps):
+        """Clipping + Adam (``torch.optim.adam.adam``, the functional form of
+        ``optimizer.step()``, whose wrapper breaks dynamo graphs on purpose)."""
+        with torch.no_grad():
+            norms = clip_gradients(self.model, self.cfg.train)
+            finite = torch.isfinite(total.detach())
+            group = self.optimizer.param_groups[0]
+            lr = group["lr"]
+            if self._tensor_lr:
+                self._lr_used.copy_(torch.where(finite, self._lr, torch.zeros_like(self._lr)))
+                lr = self._lr_used
+            # Compiled: the foreach form with device-side lr and step, which inductor fuses
+            # into a few loops (the fused kernel is opaque to dynamo: a graph break).
+            compiling = torch.compiler.is_compiling()
+            adam_update(
+                params,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                [],
+                steps,
+                foreach=bool(group["foreach"]) or compiling,
+                capturable=bool(group["capturable"]) or compiling,
+                differentiable=False,
+                fused=bool(group["fused"]) and not compiling,
+                amsgrad=False,
+                beta1=group["betas"][0],
+                beta2=group["betas"][1],
+                lr=lr,
+                weight_decay=group["weight_decay"],
+                eps=group["eps"],
+                maximize=False,
+            )
         return norms, finite
 
     def _call(self, name: str, *args):
@@ -398,18 +461,15 @@ class TrainStep:
         lr = lr_at_update(step, tcfg)
         if self._tensor_lr:
             self._lr.fill_(lr)
-            for group in self.optimizer.param_groups:
-                group["lr"] = self._lr_used
-        else:
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr  # the record in optimizer.state_dict(); the update reads _lr
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         total, losses, mses = self._call("forward", batch, step_t, frac_t, rank, world_size, rng)
         total.backward()
         if self.grad_reduce is not None:
             self.grad_reduce([p.grad for p in self.params if p.grad is not None])
-        norms, finite = self._call("update", total)
+        norms, finite = self._call("update", total, *self._adam_lists())
         return self._stats(total, losses, mses, norms, finite, frac_t, lr)
 
     def _stats(self, total, losses, mses, norms, finite, frac_t, lr) -> dict[str, torch.Tensor]:

@@ -1,9 +1,12 @@
 """``mipnerf360 video TRAIN_DIR SCENE_DIR OUT.mp4``: the scene's render path as an mp4.
 
-The path is the Scene's ``render_poses`` (ellipse for 360 scenes, spiral for forward-facing
-ones, an orbit for Blender; reference spec, section 12) with its ``render_pixtocam``
-intrinsics. Each frame is colour and colour-mapped depth side by side; the mp4 is written
-through imageio-ffmpeg to a temporary name and moved into place.
+    mipnerf360 video TRAIN_DIR SCENE_DIR OUT.mp4 [--frames N] [--fps F] [--width W]
+                     [--device D] [--threads N]
+
+The path is the Scene's ``render_poses`` (multinerf ``camera_utils.generate_ellipse_path``
+for 360 scenes, ``generate_spiral_path`` for forward-facing ones, an orbit for Blender)
+with its ``render_pixtocam`` intrinsics. Each frame is colour and colour-mapped depth side
+by side; the mp4 is written through imageio-ffmpeg to a temporary name and moved into place.
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ import time
 import numpy as np
 import torch
 
-from mipnerf360.evaluate import DEPTH_KEY, _numpy, colorize_depth, to_uint8
-from mipnerf360.io import make_temp
+from mipnerf360.errors import ConfigError, UserError
+from mipnerf360.io import make_temp, to_uint8
+from mipnerf360.render_views import DEPTH_KEY, colorize_depth, torch_threads
 from mipnerf360.runs import load_trained, resolve_device
 
 
@@ -47,10 +51,10 @@ def render_path_frames(
     if frames:
         cfg.data.render_path_frames = int(frames)
     scene = datasets.load_scene(scene_dir, cfg.data)
-    poses = np.asarray(_numpy(scene.render_poses), np.float64)
+    poses = np.asarray(scene.render_poses, np.float64)
     if len(poses) == 0:
-        raise ValueError(f"{scene_dir}: the scene has no render path")
-    pixtocam = np.asarray(_numpy(scene.render_pixtocam), np.float64)
+        raise UserError(f"{scene_dir}: the scene has no render path")
+    pixtocam = np.asarray(scene.render_pixtocam, np.float64)
     w0, h0 = int(scene.width), int(scene.height)
     if width:
         w = int(width) - int(width) % 2
@@ -67,8 +71,8 @@ def render_path_frames(
         rays = datasets.pose_rays(scene, c2w, pixtocam, w, h)  # chunks move to the device
         with torch.no_grad():
             out = model_lib.render_image(model, rays, cfg.eval.chunk_size, train_frac=train_frac)
-        rgb = np.clip(_numpy(out["rgb"]), 0, 1)
-        depth = colorize_depth(_numpy(out[DEPTH_KEY]), _numpy(out["acc"]))
+        rgb = np.clip(np.asarray(out["rgb"]), 0, 1)
+        depth = colorize_depth(np.asarray(out[DEPTH_KEY]), np.asarray(out["acc"]))
         print(f"frame {i + 1}/{len(poses)} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
         yield to_uint8(np.concatenate([rgb, depth], axis=1))
 
@@ -97,8 +101,10 @@ def write_video(frames, path: str, fps: float = 30.0) -> int:
         finally:
             writer.close()
         if n == 0:
-            raise ValueError("no frames to write")
+            raise UserError(f"{path}: no frames to write")
         os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"{path}: cannot write: {e.strerror or e}") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -117,16 +123,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--fps", type=float, default=30.0)
     p.add_argument("--width", type=int, default=None, help="frame width of each half (pixels)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (>= 1)")
     args = p.parse_args(argv)
     if args.frames is not None and args.frames < 1:
-        p.error("--frames must be >= 1")
+        raise ConfigError(f"--frames {args.frames}: must be >= 1")
     if args.width is not None and args.width < 2:
-        p.error("--width must be >= 2")
-    frames = render_path_frames(
-        args.train_dir, args.scene_dir, args.frames, args.width, args.device
-    )
-    n = write_video(frames, args.out, args.fps)
+        raise ConfigError(f"--width {args.width}: must be >= 2")
+    if not args.fps > 0:
+        raise ConfigError(f"--fps {args.fps}: must be > 0")
+    with torch_threads(args.threads):
+        frames = render_path_frames(
+            args.train_dir, args.scene_dir, args.frames, args.width, args.device
+        )
+        n = write_video(frames, args.out, args.fps)
     print(f"wrote {args.out} ({n} frames)", file=sys.stderr)
     return 0
 

@@ -1,47 +1,111 @@
-"""mipnerf360.bench: the throughput command runs real training steps and prints one line."""
+"""mipnerf360.bench: the throughput command runs real training steps of any config and
+prints one line."""
 
 import re
 
+import numpy as np
 import pytest
 import torch
 
-from mipnerf360 import bench, cli, configs
+from mipnerf360 import bench, cli, configs, sampling
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_synthetic_batch_is_a_valid_ray_batch():
+def test_synthetic_scene_rays_look_at_the_origin():
     cfg = configs.get_config("360")
-    b = bench.synthetic_batch(cfg, 16, torch.device("cpu"))
-    assert set(b) == {"origins", "directions", "viewdirs", "radii", "near", "far", "rgb"}
-    assert b["origins"].shape == (16, 3) and b["near"].shape == (16, 1)
-    torch.testing.assert_close(b["viewdirs"].norm(dim=-1), torch.ones(16))
-    assert torch.all(b["near"] == 0.2) and torch.all(b["far"] == 1e6)
-    assert b["rgb"].min() >= 0 and b["rgb"].max() <= 1
+    scene = bench.synthetic_scene(cfg, width=16, height=12, n=4)
+    assert scene.images.shape == (4, 12, 16, 3) and scene.near == 0.2 and scene.far == 1e6
+    batch = sampling.RaySampler(scene, 64, "cpu").sample(1)
+    o, d = batch["origins"], batch["viewdirs"]
+    torch.testing.assert_close(o.norm(dim=-1), torch.ones(64))  # the ring has radius 1
+    # every ray passes close to the origin: distance of the origin from the ray < 0.5
+    closest = o - (o * d).sum(-1, keepdim=True) * d
+    assert float(closest.norm(dim=-1).max()) < 0.5
+    assert float((o * d).sum(-1).max()) < 0  # and looks towards it
 
 
-def test_run_bench_trains():
-    r = bench.run_bench("tiny", batch_size=8, steps=2, warmup=1, compile="off")
-    assert r["rays_per_s"] > 0 and r["sec_per_step"] > 0 and r["cpu_s_per_step"] > 0
-    assert r["rays_per_s"] == pytest.approx(8 / r["sec_per_step"])
-    assert r["params"] == 47_517 and r["compile"] is False
-    assert r["loss"] > 0
+def test_run_bench_trains_the_model():
+    """The timed steps are real training steps: the loss goes down on a fixed image."""
+    cfg = bench.build_config("tiny", overrides=["train.lr_delay_steps=0"], batch_size=32)
+    r0 = bench.run_bench(cfg, steps=1, warmup=0)
+    r = bench.run_bench(cfg, steps=30, warmup=0)
+    assert r["finite"] and r["loss"] < 0.9 * r0["loss"], (r0["loss"], r["loss"])
+    assert r["rays_per_s"] == pytest.approx(32 / r["sec_per_step"])
+    assert r["params"] == 47_517 and r["compile"] is False and r["precision"] == "fp32"
+    assert r["peak_memory_mb"] > 10
+
+
+def test_config_overrides_and_precision_reach_the_step():
+    cfg = bench.build_config(
+        "tiny", overrides=["model.nerf_mlp.net_width=8"], batch_size=8, precision="bf16"
+    )
+    r = bench.run_bench(cfg, steps=1, warmup=0)
+    assert r["precision"] == "bf16" and r["params"] < 47_517
+
+
+def test_flops_per_ray_counts_the_mlp_matmuls():
+    cfg = bench.build_config("tiny", batch_size=8)
+    r = bench.run_bench(cfg, steps=1, warmup=0, flops=True)
+    m = cfg.model
+    # forward: 2 * (weights) per sample per layer; backward: about twice that again
+    prop = sum(w.numel() for w in _mlp(cfg).prop_mlp.parameters() if w.ndim == 2)
+    nerf = sum(w.numel() for w in _mlp(cfg).nerf_mlp.parameters() if w.ndim == 2)
+    fwd = 2 * (prop * 2 * m.num_prop_samples + nerf * m.num_nerf_samples)
+    assert 1.5 * fwd < r["flops_per_ray"] < 3.5 * fwd
+
+
+def _mlp(cfg):
+    from mipnerf360 import model
+
+    return model.build_model(cfg)
 
 
 def test_cli_prints_one_line_ending_in_rays_per_s(capsys):
     args = ["bench", "--preset", "tiny", "--batch-size", "8", "--steps", "1", "--warmup", "0"]
-    assert cli.main(args + ["--device", "cpu", "--compile", "off"]) == 0
+    extra = ["--device", "cpu", "--compile", "off", "--precision", "bf16", "train.seed=3"]
+    assert cli.main(args + extra) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1
     line = out[0]
     assert re.search(r"[0-9.]+ rays/s$", line), line
-    for part in ("preset=tiny", "device=cpu", "batch=8", "compile=off"):
+    assert re.search(r"peak memory [0-9]+ MB", line), line
+    for part in ("preset=tiny", "device=cpu", "batch=8", "compile=off", "precision=bf16"):
         assert part in line
+    assert "train.seed=3" in line
 
 
-def test_bad_arguments():
-    with pytest.raises(ValueError, match="positive"):
-        bench.run_bench("tiny", batch_size=0)
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--steps", "0"], "--steps must be >= 1"),
+        (["--warmup", "-1"], "--warmup must be >= 0"),
+        (["--batch-size", "0"], "batch_size"),
+        (["train.nope=1"], "nope"),
+        (["--threads", "-2"], "--threads"),
+    ],
+)
+def test_bad_values_are_one_line_config_errors(capsys, argv, message):
+    code = cli.main(["bench", "--preset", "tiny", *argv])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mipnerf360 bench: error:"), err
+    assert message in err[0]
+
+
+def test_bad_choices_and_missing_cuda():
     with pytest.raises(SystemExit):
+        bench.main(["--preset", "tiny", "--precision", "fp8"])
+    with pytest.raises(configs.ConfigError, match="preset"):
         bench.main(["--preset", "nope"])
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="CUDA"):
-            bench.run_bench("tiny", batch_size=4, device="cuda")
+        with pytest.raises(configs.ConfigError, match="CUDA"):
+            bench.run_bench(bench.build_config("tiny", batch_size=4), device="cuda")
+
+
+def test_flops_counter_state_is_separate():
+    """--flops counts on its own model: the timed run starts from the same parameters."""
+    cfg = bench.build_config("tiny", batch_size=8)
+    a = bench.run_bench(cfg, steps=2, warmup=0, flops=True)
+    b = bench.run_bench(cfg, steps=2, warmup=0)
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-6)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from mipnerf360 import colmap
+from mipnerf360.errors import UserError
 
 BIRD = Path(__file__).parent / "data" / "bird"
 
@@ -147,3 +148,16 @@ def test_missing_model(tmp_path):
         colmap.read_model(tmp_path)
     with pytest.raises(FileNotFoundError, match="cameras.bin"):
         colmap.read_cameras_binary(tmp_path / "cameras.bin")
+
+
+def test_text_model_that_is_not_text(tmp_path):
+    colmap.write_model(*_random_model(), tmp_path, ext=".txt")
+    (tmp_path / "cameras.txt").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(colmap.ColmapError, match=r"cameras\.txt: not a COLMAP text file"):
+        colmap.read_model(tmp_path)
+
+
+def test_write_errors_name_the_path(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(UserError, match=r"file/model/cameras\.bin"):
+        colmap.write_model(*_random_model(), tmp_path / "file" / "model")

@@ -410,6 +410,16 @@ def test_read_only_scene_uses_our_cache(tmp_path, monkeypatch):
     assert {p.stat().st_mode & 0o777 for p in made.iterdir()} == {0o666 & ~mask}
 
 
+def test_unwritable_cache_is_a_one_line_error(tmp_path, monkeypatch):
+    d = dict(np.load(GOLDEN / "llff_loader_360.npz"))
+    scene = _write_golden_scene(d, tmp_path, with_small=False)
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("MIPNERF360_CACHE", str(tmp_path / "file"))
+    with pytest.raises(datasets.DatasetError, match=r"file/images.*set MIPNERF360_CACHE"):
+        datasets.load_scene(scene, _golden_cfg(d, False))
+    assert sorted(p.name for p in scene.iterdir()) == ["images", "sparse"]
+
+
 def test_cache_is_rebuilt_when_the_source_changes(tmp_path, monkeypatch):
     d = dict(np.load(GOLDEN / "llff_loader_360.npz"))
     scene = _write_golden_scene(d, tmp_path, with_small=False)

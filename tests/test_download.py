@@ -8,7 +8,9 @@ import zipfile
 
 import pytest
 
+from mipnerf360 import cli
 from mipnerf360 import download as dl
+from mipnerf360 import io as mio
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -132,7 +134,7 @@ def test_complete_part_file_416(server, tmp_path):
     assert (tmp_path / "data.zip").read_bytes() == GOOD
 
 
-def test_wrong_checksum_fails_and_does_not_extract(server, tmp_path):
+def test_wrong_checksum_fails_and_does_not_extract(server, tmp_path, capsys):
     base, h = server
     h.files["/data.zip"] = GOOD
     archive, dest = tmp_path / "data.zip", tmp_path / "d"
@@ -141,20 +143,9 @@ def test_wrong_checksum_fails_and_does_not_extract(server, tmp_path):
     assert not dest.exists()
     assert not archive.exists() and (tmp_path / "data.zip.bad").exists()  # set aside
     # the CLI reports it as an error naming the file
-    assert (
-        dl.main(
-            [
-                f"{base}/data.zip",
-                "--dest",
-                str(dest),
-                "--archive",
-                str(archive),
-                "--sha256",
-                "0" * 64,
-            ]
-        )
-        == 1
-    )
+    args = [f"{base}/data.zip", "--dest", str(dest), "--archive", str(archive)]
+    assert cli.main(["download", *args, "--sha256", "0" * 64]) == 1
+    assert "data.zip: sha256 mismatch" in capsys.readouterr().err
     assert not dest.exists()
 
 
@@ -226,3 +217,29 @@ def test_http_404_names_the_url(server, tmp_path):
     base, _ = server
     with pytest.raises(dl.DownloadError, match="missing.zip: HTTP 404"):
         dl.fetch(f"{base}/missing.zip", tmp_path / "missing.zip", retries=1)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["notaurl", "--dest", "{t}/d"], "notaurl: not a URL"),
+        (["http://127.0.0.1:9/a.zip", "--dest", "{t}/file"], "file: exists and is not a folder"),
+        (["http://127.0.0.1:9/a.zip", "--dest", "{t}/d", "--archive", "{t}"], "is a folder"),
+    ],
+)
+def test_bad_arguments_are_one_line_errors(tmp_path, capsys, args, message):
+    (tmp_path / "file").write_text("x")
+    args = [a.format(t=tmp_path) for a in args]
+    assert cli.main(["download", *args, "--retries", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("mipnerf360 download: error: ") and message in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_extracted_folder_and_record_have_umask_modes(tmp_path):
+    archive = tmp_path / "data.zip"
+    archive.write_bytes(GOOD)
+    dl.download("http://127.0.0.1:9/data.zip", tmp_path / "d", archive)
+    mask = mio.umask()
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o777 & ~mask
+    assert (tmp_path / "data.zip.sha256").stat().st_mode & 0o777 == 0o666 & ~mask

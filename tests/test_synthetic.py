@@ -11,8 +11,9 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 
-from mipnerf360 import colmap, datasets, synthetic
+from mipnerf360 import cli, colmap, datasets, synthetic
 from mipnerf360.configs import DataConfig
+from mipnerf360.errors import UserError
 
 H, W = 48, 64  # small full-resolution size for the tests
 HALF_LSB = 0.5 / 255 + 1e-6  # 8-bit rounding
@@ -85,7 +86,7 @@ def _check_loaded(scene, gt, factor, check_pixels=True):
                 tol = 2.5 / 255  # colour and alpha each rounded to 8 bit
             else:
                 tol = HALF_LSB if f == 1 else 1.5 / 255  # twice rounded (full res, then area)
-            expected = synthetic.area_downsample(rgb, f) if f > 1 else rgb
+            expected = datasets.downsample_image(rgb, f) if f > 1 else rgb
             np.testing.assert_allclose(scene.images[j], expected, atol=tol)
 
 
@@ -293,7 +294,7 @@ def test_cli_and_bad_arguments(tmp_path, capsys):
     ]
     assert (out / "images_2").is_dir() and not (out / "images_4").exists()
     assert iio.imread(out / "images_2" / "img_000.png").shape == (12, 16, 3)
-    with pytest.raises(FileExistsError, match=str(out)):
+    with pytest.raises(UserError, match=f"{out}: exists and is not empty .*--overwrite"):
         synthetic.generate(out, "llff", n_views=4, width=32, height=24)
     synthetic.generate(out, "blender", n_views=4, width=32, height=32, overwrite=True)
     assert (out / "transforms_train.json").is_file() and not (out / "images").exists()
@@ -329,3 +330,54 @@ def test_distorted_360_loads_back(tmp_path):
     x = np.linspace(-0.6, 0.6, 25)
     xu, yu = synthetic.undistort(*synthetic.distort(x, x[::-1], *dist), *dist)
     np.testing.assert_allclose(np.stack([xu, yu]), np.stack([x, x[::-1]]), atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["360", "--views", "0"], "views: need at least 2"),
+        (["llff", "--views", "1"], "views: need at least 2"),
+        (["blender", "--views", "0"], "views: need at least 1"),
+        (["360", "--width", "2"], "at least 8x8, got 2x96"),
+        (["llff", "--height", "-5"], "at least 8x8"),
+        (["360", "--supersample", "0"], "supersample: must be >= 1"),
+        (["360", "--seed", "-1"], "seed: must be >= 0"),
+        (["360", "--factors", "1"], "factors: downsampling factors must be between 2"),
+        (["360", "--width", "8", "--height", "8", "--factors", "16"], "between 2 and the image"),
+        (["360", "--factors", "two"], "--factors: expected integers"),
+    ],
+)
+def test_degenerate_arguments_are_one_line_errors(tmp_path, capsys, args, message):
+    out = tmp_path / "scene"
+    assert cli.main(["generate", args[0], str(out), *args[1:]]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mipnerf360 generate: error: ") and message in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_non_empty_folder_names_the_flag(tmp_path, capsys):
+    out = tmp_path / "scene"
+    out.mkdir()
+    (out / "mine.txt").write_text("precious")
+    args = ["generate", "blender", str(out), "--views", "1", "--width", "8", "--height", "8"]
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err
+    message = f"{out}: exists and is not empty (pass --overwrite to replace it)"
+    assert err == f"mipnerf360 generate: error: {message}\n"
+    assert (out / "mine.txt").read_text() == "precious"
+    assert cli.main([*args, "--overwrite"]) == 0
+    assert not (out / "mine.txt").exists() and (out / "transforms_train.json").is_file()
+
+
+def test_shipped_images_n_are_what_the_loader_would_make(scenes, tmp_path, monkeypatch):
+    """images_2 of a generated scene = the loader's own downsampled copy of images/."""
+    monkeypatch.setenv("MIPNERF360_CACHE", str(tmp_path))
+    src = scenes["360"]
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for entry in ("images", "sparse"):
+        (bare / entry).symlink_to(src / entry)
+    made = datasets.ensure_downsampled(bare, 2)
+    assert made.parent.parent == tmp_path
+    for p in sorted((src / "images_2").iterdir()):
+        np.testing.assert_array_equal(iio.imread(made / p.name), iio.imread(p), err_msg=p.name)

@@ -21,6 +21,6 @@ rule generate:
     conda:
         "../../envs/mipnerf360.yaml"
     params:
-        args=lambda wc: " ".join(shlex.quote(a) for a in generate_args(wc)),
+        args=generate_args,
     shell:
         "mipnerf360 generate {params.args} {output} > {log} 2>&1"

@@ -1,13 +1,15 @@
 rule evaluate:
-    """PSNR / SSIM / LPIPS of the rendered test views."""
+    """The metrics of mipnerf360.metrics.METRICS for the rendered test views; the eval.*
+    settings and the `metrics:` section are params of this step (and render), not of
+    training."""
     input:
-        renders="results/render/{dataset}/{scene}/renders.json",
-        config="results/train/{dataset}/{scene}/config.yaml",
+        renders=f"results/render/{RUN_DIR}/renders.json",
+        config=f"results/train/{RUN_DIR}/config.yaml",
     output:
-        metrics="results/evaluate/{dataset}/{scene}/metrics.json",
-        csv="results/evaluate/{dataset}/{scene}/metrics.csv",
+        metrics=f"results/evaluate/{RUN_DIR}/metrics.json",
+        csv=f"results/evaluate/{RUN_DIR}/metrics.csv",
     log:
-        "logs/evaluate/{dataset}/{scene}.log",
+        f"logs/evaluate/{RUN_DIR}.log",
     conda:
         "../../envs/mipnerf360.yaml"
     threads: step_resources("evaluate")["threads"]
@@ -19,5 +21,7 @@ rule evaluate:
         render_dir=subpath(input.renders, parent=True),
         outdir=subpath(output.metrics, parent=True),
         lpips=LPIPS_ARGS,
+        eval=eval_args,
     shell:
-        "mipnerf360 evaluate {params.render_dir:q} {params.outdir:q} --config {input.config:q} {params.lpips} > {log} 2>&1"
+        "mipnerf360 evaluate {params.render_dir:q} {params.outdir:q} --config {input.config:q}"
+        " {params.lpips} {params.eval} > {log} 2>&1"

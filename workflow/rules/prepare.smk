@@ -1,6 +1,8 @@
 rule prepare:
     """Validate a scene, make downsampled images and write the manifest. The prepared scene
-    (links to the source + images_<factor>) is what training and rendering read."""
+    (links to the source + images_<factor>) is what training and rendering read. Loader
+    settings (data.*, incl. data.factor and data.dataset_type) come from the scene's preset
+    and overrides, resolved once in common.smk and passed explicitly."""
     input:
         scene_input,
     output:

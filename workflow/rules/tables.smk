@@ -1,8 +1,11 @@
 rule tables:
-    """Per-data-set and combined tables beside the published numbers."""
+    """Per-data-set and combined tables (every variant, mean +/- std over seeds, deltas to
+    the baseline, published numbers beside), the long-format runs.csv and one PSNR figure
+    per data set."""
     input:
-        metrics=all_scene_files("results/evaluate/{dataset}/{scene}/metrics.json"),
-        summaries=all_scene_files("results/train/{dataset}/{scene}/summary.json"),
+        metrics=run_files("results/evaluate/{run}/metrics.json"),
+        summaries=run_files("results/train/{run}/summary.json"),
+        configs=run_files("results/train/{run}/config.yaml"),
     output:
         [
             report(
@@ -13,13 +16,21 @@ rule tables:
             )
             for f in TABLE_FILES
         ],
+        [
+            report(
+                f,
+                caption="../report/figure.rst",
+                category="Figures",
+                labels={"figure": os.path.basename(f)},
+            )
+            for f in FIGURE_FILES
+        ],
     log:
         "logs/tables/tables.log",
     conda:
         "../../envs/mipnerf360.yaml"
     params:
-        scenes=" ".join(f"{d}/{s}" for d, s in SCENES),
-        published=published_args(),
+        spec=tables_spec(),
     shell:
-        "mipnerf360 tables results/tables --results results {params.scenes}"
-        " {params.published} > {log} 2>&1"
+        "mipnerf360 tables results/tables --results results --spec {params.spec:q}"
+        " > {log} 2>&1"

@@ -1,25 +1,33 @@
 rule train:
-    """Train one scene. Checkpoints (not an output) survive a failed or requeued job and
-    --resume continues from the latest; model.pt is written last."""
+    """Train one run (data set x scene x variant x seed). The package decides what a run
+    is (scene data + training settings): --resume continues a run of the same identity
+    (a finished one re-emits its outputs at once), --restart-on-change moves a run of
+    another identity to previous/ and starts over. Checkpoints are not outputs: they
+    survive Snakemake deleting the outputs of a job it reruns."""
     input:
         manifest="results/prepare/{dataset}/{scene}/manifest.json",
         scene="results/prepare/{dataset}/{scene}/scene",
     output:
-        model="results/train/{dataset}/{scene}/model.pt",
-        summary="results/train/{dataset}/{scene}/summary.json",
-        metrics="results/train/{dataset}/{scene}/metrics.csv",
-        config="results/train/{dataset}/{scene}/config.yaml",
+        model=f"results/train/{RUN_DIR}/model.pt",
+        summary=f"results/train/{RUN_DIR}/summary.json",
+        metrics=f"results/train/{RUN_DIR}/metrics.csv",
+        config=f"results/train/{RUN_DIR}/config.yaml",
         curves=report(
-            "results/train/{dataset}/{scene}/curves.png",
+            f"results/train/{RUN_DIR}/curves.png",
             caption="../report/curves.rst",
             category="Training curves",
             subcategory="{dataset}",
-            labels={"data set": "{dataset}", "scene": "{scene}"},
+            labels={
+                "data set": "{dataset}",
+                "scene": "{scene}",
+                "variant": "{variant}",
+                "seed": "{seed}",
+            },
         ),
     log:
-        "logs/train/{dataset}/{scene}.log",
+        f"logs/train/{RUN_DIR}.log",
     benchmark:
-        "results/benchmarks/train/{dataset}/{scene}.tsv"
+        f"results/benchmarks/train/{RUN_DIR}.tsv"
     conda:
         "../../envs/mipnerf360.yaml"
     threads: train_resource("threads")
@@ -27,18 +35,11 @@ rule train:
         mem_mb=train_resource("mem_mb"),
         runtime=train_resource("runtime"),
         gpu=train_resource("gpu"),
+        device=DEVICE,
     params:
         outdir=subpath(output.model, parent=True),
         args=train_args,
-        key=resume_key,
-        device=device_args(),
     shell:
-        # Resume only checkpoints of the same settings (resume.key is not an output, so it
-        # survives a failed job like the checkpoints do).
-        "mkdir -p {params.outdir:q};"
-        ' if [ "$(cat {params.outdir:q}/resume.key 2>/dev/null)" != {params.key} ]; then'
-        " rm -rf {params.outdir:q}/checkpoints; fi;"
-        " echo {params.key} > {params.outdir:q}/resume.key;"
-        " mipnerf360 train {input.scene:q} {params.outdir:q} {params.args}"
-        " --manifest {input.manifest:q} --resume --no-progress --threads {threads}"
-        " {params.device} > {log} 2>&1"
+        "mipnerf360 train {input.scene:q} {params.outdir:q} {params.args}"
+        " --manifest {input.manifest:q} --resume --restart-on-change --no-progress"
+        " --threads {threads} --device {resources.device} > {log} 2>&1"
