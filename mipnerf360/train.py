@@ -76,12 +76,20 @@ def peak_memory_mb(device: torch.device) -> float:
     return kb / 1024.0
 
 
-def check_manifest(scene: Any, manifest_path: str) -> None:
-    """Check the loaded scene's train/test split against a prepare-step manifest JSON."""
+def check_manifest(scene: Any, manifest_path: str, cfg: configs.Config) -> dict:
+    """Check the loaded scene's split and data settings against a prepare-step manifest;
+    returns the manifest."""
     manifest = io.read_json(manifest_path)
     split = manifest.get("split") if isinstance(manifest, dict) else None
     if not isinstance(split, dict) or "train" not in split or "test" not in split:
         raise UserError(f"{manifest_path}: expected a 'split' with 'train' and 'test' lists")
+    data = manifest.get("data") or {}
+    for key in ("dataset_type", "factor"):
+        if key in data and data[key] != getattr(cfg.data, key):
+            raise UserError(
+                f"{manifest_path}: prepared with data.{key}={data[key]}, but training uses "
+                f"data.{key}={getattr(cfg.data, key)}; prepare and train need the same settings"
+            )
     names = list(scene.names)
     for part, idx in (("train", scene.i_train), ("test", scene.i_test)):
         got = [names[int(i)] for i in idx]
@@ -94,6 +102,7 @@ def check_manifest(scene: Any, manifest_path: str) -> None:
                 f"does not match the manifest ({len(want)} images); in the manifest only: "
                 f"{missing}, loaded only: {extra}"
             )
+    return manifest
 
 
 def plot_curves(rows: list[dict], path: str | os.PathLike) -> None:
@@ -461,9 +470,12 @@ def _train(
     t = cfg.train
     distributed.check_batch(t.batch_size, ctx)
     scene = datasets.load_scene(scene_dir, cfg.data)
+    # The scene's content fingerprint: the manifest's (prepare hashed what it loaded, the same
+    # function) or computed here.
+    fingerprint = None
     if manifest:
-        check_manifest(scene, manifest)
-    identity = runs.make_identity(cfg, datasets.scene_fingerprint(scene))
+        fingerprint = check_manifest(scene, manifest, cfg).get("fingerprint")
+    identity = runs.make_identity(cfg, fingerprint or datasets.scene_fingerprint(scene))
     with contextlib.ExitStack() as stack:
         run = _build_run(out_dir, cfg, scene, identity, dev, preset)
         moved, error = None, None
