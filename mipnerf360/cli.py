@@ -17,8 +17,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # command -> (module, function, one-line help)
 COMMANDS = {
     "train": ("mipnerf360.train", "main", "train a model on a scene"),
-    "render": ("mipnerf360.evaluate", "render_main", "render the test views of a trained model"),
-    "evaluate": ("mipnerf360.evaluate", "evaluate_main", "PSNR / SSIM / LPIPS of rendered views"),
+    "render": ("mipnerf360.render_views", "main", "render the test views of a trained model"),
+    "evaluate": ("mipnerf360.evaluate", "main", "PSNR / SSIM / LPIPS of rendered views"),
     "video": ("mipnerf360.video", "main", "render the camera path to mp4"),
     "bench": ("mipnerf360.bench", "main", "measure training-step throughput"),
     "generate": ("mipnerf360.synthetic", "main", "write a procedural scene"),
@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         # MIPNERF360_DEBUG=1 shows it.
         if os.environ.get("MIPNERF360_DEBUG"):
             raise
-        print(f"mipnerf360 {cmd}: error: {e}", file=sys.stderr)
+        if str(e):  # (a data-parallel rank > 0 leaves the message to rank 0)
+            print(f"mipnerf360 {cmd}: error: {e}", file=sys.stderr)
         return getattr(e, "exit_code", 1)
     return int(result or 0)
 

@@ -115,6 +115,7 @@ class EvalConfig:
     lpips: bool = True  # compute LPIPS (needs the backbone weights)
     lpips_nets: list[str] = field(default_factory=lambda: list(LPIPS_NETS))  # LPIPS backbones
     max_test_images: int = 0  # evaluate at most this many test images (0 = all)
+    color_correct: bool = False  # also cc_psnr / cc_ssim (multinerf eval.py's metric_cc_*)
 
 
 @dataclass

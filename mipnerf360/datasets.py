@@ -45,7 +45,6 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "LOADERS",
     "Loader",
-    "RaySampler",
     "Scene",
     "cache_root",
     "downsample_folder",
@@ -959,79 +958,3 @@ def pose_rays(scene: Scene, camtoworld, pixtocam, width: int, height: int):
     rays = {"origins": o, "directions": d, "viewdirs": v, "radii": r}
     rays["near"], rays["far"] = ones * scene.near, ones * scene.far
     return {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in rays.items()}
-
-
-class RaySampler:
-    """Random training rays drawn on ``device``.
-
-    batching='all_images': every ray picks a training image and a pixel uniformly;
-    'single_image': one training image per batch (pixels uniform within it). Images,
-    poses and intrinsics live on the device; rays are computed there in one batched call.
-    Deterministic for a seed; ``get_state``/``set_state`` resume the exact sequence.
-    """
-
-    def __init__(self, scene: Scene, batch_size: int, device, seed: int = 0, batching="all_images"):
-        if batching not in ("all_images", "single_image"):
-            raise ValueError(f"batching must be 'all_images' or 'single_image', got {batching!r}")
-        if len(scene.i_train) == 0:
-            raise DatasetError(f"{scene.path}: the scene has no training images")
-        self.scene = scene
-        self.batch_size = int(batch_size)
-        self.device = torch.device(device)
-        self.batching = batching
-        idx = np.asarray(scene.i_train)
-        dev = self.device
-        self.images = torch.from_numpy(np.ascontiguousarray(scene.images[idx])).to(dev)
-        self.camtoworlds = torch.as_tensor(scene.camtoworlds[idx], dtype=torch.float32).to(dev)
-        self.pixtocams = torch.as_tensor(scene.pixtocams[idx], dtype=torch.float32).to(dev)
-        self.distortion = None
-        if scene.distortion is not None:
-            self.distortion = torch.as_tensor(scene.distortion[idx], dtype=torch.float32).to(dev)
-        self.pixtocam_ndc = None
-        if scene.pixtocam_ndc is not None:
-            self.pixtocam_ndc = torch.as_tensor(scene.pixtocam_ndc, dtype=torch.float32).to(dev)
-        self.generator = torch.Generator(device=dev)
-        self.generator.manual_seed(int(seed))
-        self.num_sampled = 0
-
-    def get_state(self) -> dict:
-        return {"generator": self.generator.get_state(), "num_sampled": self.num_sampled}
-
-    def set_state(self, state: dict) -> None:
-        self.generator.set_state(state["generator"].cpu())
-        self.num_sampled = int(state["num_sampled"])
-
-    def rays_for(self, cam, pix_x, pix_y) -> dict[str, torch.Tensor]:
-        """Rays [B,k] for training-image indices ``cam`` (into i_train) and pixels."""
-        dist = None if self.distortion is None else self.distortion[cam]
-        o, d, v, r, _ = camera.pixels_to_rays(
-            pix_x,
-            pix_y,
-            self.pixtocams[cam],
-            self.camtoworlds[cam],
-            dist,
-            self.pixtocam_ndc,
-            self.scene.camtype,
-            xnp=torch,
-        )
-        ones = torch.ones_like(r)
-        return {
-            "origins": o.contiguous(),
-            "directions": d,
-            "viewdirs": v,
-            "radii": r,
-            "near": ones * self.scene.near,
-            "far": ones * self.scene.far,
-            "rgb": self.images[cam, pix_y, pix_x],
-        }
-
-    def sample(self) -> dict[str, torch.Tensor]:
-        n, b, g, dev = self.images.shape[0], self.batch_size, self.generator, self.device
-        if self.batching == "all_images":
-            cam = torch.randint(0, n, (b,), generator=g, device=dev)
-        else:
-            cam = torch.randint(0, n, (1,), generator=g, device=dev).expand(b)
-        pix_x = torch.randint(0, self.scene.width, (b,), generator=g, device=dev)
-        pix_y = torch.randint(0, self.scene.height, (b,), generator=g, device=dev)
-        self.num_sampled += 1
-        return self.rays_for(cam, pix_x, pix_y)

@@ -234,19 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         lpips_nets=nets if nets is not None else cfg.eval.lpips_nets,
         quantize=cfg.eval.quantize_metrics,
         crop_borders=cfg.eval.crop_borders,
-        color_correct=args.cc or getattr(cfg.eval, "color_correct", False),
+        color_correct=args.cc or cfg.eval.color_correct,
     )
     summary = {k: v for k, v in result.items() if k != "images"}
     print(json.dumps(summary, indent=2))
     return 0
-
-
-# The names cli.py's COMMANDS entries use until they point at evaluate.main and
-# render_views.main (the render command moved to mipnerf360/render_views.py).
-evaluate_main = main
-
-
-def render_main(argv: list[str] | None = None) -> int:
-    from mipnerf360 import render_views
-
-    return render_views.main(argv)

@@ -103,10 +103,11 @@ def to_uint8(img: np.ndarray) -> np.ndarray:
 
 
 def write_png(path: str | os.PathLike, img: np.ndarray) -> None:
-    """PNG of a uint8 [H,W] or [H,W,C] array (float arrays in [0,1] go through to_uint8)."""
+    """PNG of a uint8 or uint16 [H,W] or [H,W,C] array (float arrays in [0,1] go through
+    to_uint8)."""
     import imageio.v3 as iio
 
-    arr = img if img.dtype == np.uint8 else to_uint8(img)
+    arr = img if img.dtype in (np.uint8, np.uint16) else to_uint8(img)
     write_bytes(path, iio.imwrite("<bytes>", arr, extension=".png"))
 
 
@@ -152,12 +153,13 @@ def read_yaml(path: str | os.PathLike) -> Any:
 
 
 @contextlib.contextmanager
-def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(target: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
     """Build a folder under a temporary name beside ``target``, then rename it into place.
 
     ``with atomic_dir(out) as tmp: ...write into tmp...``; on success an existing
-    ``target`` is replaced, on an exception the temporary folder is removed. The folder
-    gets the umask's permissions (not mkdtemp's 0700).
+    ``target`` is replaced (``replace=False``: kept, and the new build dropped: a cache
+    another process built first), on an exception the temporary folder is removed. The
+    folder gets the umask's permissions (not mkdtemp's 0700).
     """
     target = Path(target)
     try:
@@ -168,6 +170,13 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
         raise _os_error(target, e) from None
     try:
         yield tmp
+        if not replace:
+            try:
+                os.rename(tmp, target)  # fails if another process made target first
+            except OSError:
+                if not target.is_dir():
+                    raise
+            return
         if target.is_symlink() or target.is_file():
             target.unlink()
         elif target.exists():

@@ -126,7 +126,7 @@ def render_views(
         if not indices:
             raise UserError(f"{scene_dir}: the {split} split is empty")
         train_frac = float(saved.get("train_frac", 1.0))
-        save_float = not cfg.eval.quantize_metrics or getattr(cfg.eval, "color_correct", False)
+        save_float = not cfg.eval.quantize_metrics or cfg.eval.color_correct
         info_path = os.path.join(out_dir, "renders.json")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(info_path)  # an older render: not complete until this one finishes

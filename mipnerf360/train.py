@@ -35,8 +35,8 @@ Exit codes (``cli.main``): 0 finished, 1 bad input, 2 bad config, 3 NaN/inf loss
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
-import hashlib
 import io as _bytes_io
 import json
 import os
@@ -45,13 +45,11 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import nullcontext
 from typing import Any
 
-import numpy as np
 import torch
 
-from mipnerf360 import configs, io, runs
+from mipnerf360 import configs, distributed, io, runs
 from mipnerf360.errors import ConfigError, UserError
 
 KEEP_CHECKPOINTS = 2
@@ -78,32 +76,20 @@ def peak_memory_mb(device: torch.device) -> float:
     return kb / 1024.0
 
 
-def scene_fingerprint(scene: Any) -> str:
-    """Content hash of the loaded scene: images, poses, intrinsics, split, bounds."""
-    h = hashlib.blake2b(digest_size=16)
-    for arr in (
-        scene.images,
-        scene.camtoworlds,
-        scene.pixtocams,
-        scene.distortion,
-        scene.i_train,
-        scene.i_test,
-        scene.pixtocam_ndc,
-    ):
-        if arr is not None:
-            a = np.ascontiguousarray(arr)
-            h.update(f"{a.dtype}{a.shape}".encode())
-            h.update(a.tobytes())
-    h.update(json.dumps([scene.camtype, scene.near, scene.far, list(scene.names)]).encode())
-    return h.hexdigest()
-
-
-def check_manifest(scene: Any, manifest_path: str) -> None:
-    """Check the loaded scene's train/test split against a prepare-step manifest JSON."""
+def check_manifest(scene: Any, manifest_path: str, cfg: configs.Config) -> dict:
+    """Check the loaded scene's split and data settings against a prepare-step manifest;
+    returns the manifest."""
     manifest = io.read_json(manifest_path)
     split = manifest.get("split") if isinstance(manifest, dict) else None
     if not isinstance(split, dict) or "train" not in split or "test" not in split:
         raise UserError(f"{manifest_path}: expected a 'split' with 'train' and 'test' lists")
+    data = manifest.get("data") or {}
+    for key in ("dataset_type", "factor"):
+        if key in data and data[key] != getattr(cfg.data, key):
+            raise UserError(
+                f"{manifest_path}: prepared with data.{key}={data[key]}, but training uses "
+                f"data.{key}={getattr(cfg.data, key)}; prepare and train need the same settings"
+            )
     names = list(scene.names)
     for part, idx in (("train", scene.i_train), ("test", scene.i_test)):
         got = [names[int(i)] for i in idx]
@@ -116,6 +102,7 @@ def check_manifest(scene: Any, manifest_path: str) -> None:
                 f"does not match the manifest ({len(want)} images); in the manifest only: "
                 f"{missing}, loaded only: {extra}"
             )
+    return manifest
 
 
 def plot_curves(rows: list[dict], path: str | os.PathLike) -> None:
@@ -184,8 +171,7 @@ class Run:
     device: torch.device
     model: torch.nn.Module
     optimizer: Any
-    sampler: Any
-    generator: torch.Generator
+    sampler: Any  # sampling.RaySampler: rays are a pure function of (seed, step)
     step: int = 0
     prior_wall: float = 0.0  # training wall time of earlier segments of this run
     rows: list = dataclasses.field(default_factory=list)
@@ -206,8 +192,6 @@ class Run:
             "step": self.step,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "sampler": self.sampler.get_state(),
-            "generator": self.generator.get_state(),
             "config": configs.to_dict(self.cfg),
             "identity": self.identity,
             "wall_time_s": self.wall(),
@@ -217,8 +201,6 @@ class Run:
     def restore(self, ckpt: dict) -> None:
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.sampler.set_state(ckpt["sampler"])
-        self.generator.set_state(ckpt["generator"].cpu())
         self.step, self.prior_wall = ckpt["step"], ckpt.get("wall_time_s", 0.0)
         self.rows = ckpt.get("rows", [])
 
@@ -231,17 +213,15 @@ class Run:
 
 
 def _build_run(out_dir, cfg, scene, identity, dev, preset) -> Run:
-    from mipnerf360 import datasets, train_utils
     from mipnerf360 import model as model_lib
+    from mipnerf360 import sampling, train_utils
 
     t = cfg.train
     torch.manual_seed(t.seed)
     model = model_lib.build_model(cfg).to(dev)
     optimizer = train_utils.create_optimizer(model, cfg)
-    sampler = datasets.RaySampler(scene, t.batch_size, dev, t.seed, t.batching)
-    generator = torch.Generator(device=dev)
-    generator.manual_seed(t.seed + 1)
-    return Run(out_dir, cfg, identity, dev, model, optimizer, sampler, generator, preset=preset)
+    sampler = sampling.RaySampler(scene, t.batch_size, dev, t.seed, t.batching)
+    return Run(out_dir, cfg, identity, dev, model, optimizer, sampler, preset=preset)
 
 
 def _saved_run(out_dir: str) -> tuple[dict, str] | None:
@@ -312,7 +292,7 @@ def _restore_previous(out_dir: str, moved: str) -> None:
 def _log_row(run: Run, stats: dict, steps_per_s: float, tb) -> None:
     t = run.cfg.train
     row = {"step": run.step, **stats, "steps_per_s": steps_per_s}
-    row["rays_per_s"] = steps_per_s * t.batch_size
+    row["rays_per_s"] = steps_per_s * t.batch_size  # the whole job's (global batch)
     row["wall_time_s"] = run.wall()
     run.rows.append(row)
     io.write_csv(os.path.join(run.out_dir, "metrics.csv"), run.rows)
@@ -322,62 +302,74 @@ def _log_row(run: Run, stats: dict, steps_per_s: float, tb) -> None:
                 tb.add_scalar(f"train/{k}", v, run.step)
 
 
-def _loop(run: Run, progress: bool) -> str:
-    """Train until max_steps, the time limit or a signal; returns the stop reason."""
+def _loop(run: Run, progress: bool, ctx: distributed.Context) -> str:
+    """Train until max_steps, the time limit or a signal; returns the stop reason.
+
+    The step runs on the device without reading anything back; the host reads the logged
+    values and the first non-finite step (``train_utils.first_bad_step``) only on logging
+    and checkpoint steps. With several ranks, they agree every step (a host-side all-reduce)
+    on whether to stop, so all stop at the same step.
+    """
     from mipnerf360 import train_utils
 
     t = run.cfg.train
-    dev = run.device
-    step_fn = train_utils.make_train_step(run.model, run.optimizer, run.cfg)
-    amp = torch.autocast(dev.type, dtype=torch.bfloat16) if t.precision == "bf16" else nullcontext()
-    tb = _tensorboard_writer(os.path.join(run.out_dir, "tb"))
+    reduce = (lambda grads: distributed.reduce_grads(ctx, grads)) if ctx.active else None
+    step_fn = train_utils.make_train_step(
+        run.model, run.optimizer, run.cfg, sampler=run.sampler, grad_reduce=reduce
+    )
+    tb = _tensorboard_writer(os.path.join(run.out_dir, "tb")) if ctx.is_main else None
     bar = None
-    if progress:
+    if progress and ctx.is_main:
         from tqdm import tqdm
 
         bar = tqdm(total=t.max_steps, initial=run.step, desc="train", dynamic_ncols=True)
     interval_t, interval_steps = time.perf_counter(), 0
+    bad = None
     reason = "max_steps"
     try:
         with _SignalFlag() as flag:
             while run.step < t.max_steps:
-                batch = run.sampler.sample()
-                try:
-                    with amp:
-                        stats = step_fn(batch, run.step + 1, run.generator)
-                except FloatingPointError as e:
-                    raise TrainingStopped(
-                        f"non-finite loss at step {run.step + 1}: {e}; last good checkpoint "
-                        f"kept in {run.ckpt_dir}",
-                        EXIT_NAN,
-                    ) from None
+                stats = step_fn(run.step + 1, ctx.rank, ctx.world_size)
                 run.step += 1
                 interval_steps += 1
-                stats = {k: float(v) for k, v in stats.items()}
-                if not all(np.isfinite(stats.get(k, 0.0)) for k in ("loss", "data")):
-                    raise TrainingStopped(
-                        f"non-finite loss at step {run.step}; last good checkpoint kept in "
-                        f"{run.ckpt_dir}",
-                        EXIT_NAN,
-                    )
-                out_of_time = t.time_limit_s > 0 and run.wall() >= t.time_limit_s
-                stopping = out_of_time or flag.signum is not None or run.step == t.max_steps
-                if run.step % t.log_every == 0 or stopping:
+                bad = train_utils.first_bad_step(bad, stats["finite"], run.step)
+                out_of_time = int(t.time_limit_s > 0 and run.wall() >= t.time_limit_s)
+                signum = flag.signum or 0
+                if ctx.active:
+                    signum, out_of_time = distributed.agree_max(ctx, [signum, out_of_time])
+                last = run.step == t.max_steps
+                log_now = run.step % t.log_every == 0 or out_of_time or signum or last
+                ckpt_now = run.step % t.checkpoint_every == 0 and not last
+                if log_now or ckpt_now:
+                    first_bad = int(bad)  # the host reads the device here, and only here
+                    if ctx.active:
+                        first_bad = distributed.agree_max(ctx, [first_bad])[0]
+                    if first_bad >= 0:
+                        raise TrainingStopped(
+                            f"non-finite loss at step {first_bad}; last good checkpoint kept "
+                            f"in {run.ckpt_dir}",
+                            EXIT_NAN,
+                        )
+                if log_now:
+                    logged = distributed.mean_stats(ctx, stats)
+                    logged = {k: float(v) for k, v in logged.items() if k != "finite"}
                     now = time.perf_counter()
-                    _log_row(run, stats, interval_steps / max(now - interval_t, 1e-9), tb)
+                    if ctx.is_main:
+                        _log_row(run, logged, interval_steps / max(now - interval_t, 1e-9), tb)
                     interval_t, interval_steps = now, 0
                     if bar is not None:
-                        bar.set_postfix(loss=f"{stats['loss']:.4f}", psnr=f"{stats['psnr']:.2f}")
+                        bar.set_postfix(loss=f"{logged['loss']:.4f}", psnr=f"{logged['psnr']:.2f}")
                 if bar is not None:
                     bar.update(1)
-                if run.step % t.checkpoint_every == 0 and run.step < t.max_steps:
+                if ckpt_now and ctx.is_main:
                     run.save_checkpoint()
-                if flag.signum is not None:
-                    run.save_checkpoint()
-                    name = signal.Signals(flag.signum).name
+                if signum:
+                    if ctx.is_main:
+                        run.save_checkpoint()
+                    name = signal.Signals(signum).name
                     raise TrainingStopped(
                         f"{name} received: checkpoint written at step {run.step}",
-                        SIGNAL_EXIT[flag.signum],
+                        SIGNAL_EXIT[signal.Signals(signum)],
                     )
                 if out_of_time:
                     reason = "time_limit"
@@ -390,7 +382,7 @@ def _loop(run: Run, progress: bool) -> str:
     return reason
 
 
-def _finish(run: Run, reason: str, num_params: int) -> dict:
+def _finish(run: Run, reason: str, num_params: int, world_size: int = 1) -> dict:
     """Final checkpoint, then every output; the same outputs when called again."""
     t = run.cfg.train
     run.prior_wall, run.t0 = run.wall(), None  # stop the clock: the summary and the final
@@ -402,15 +394,17 @@ def _finish(run: Run, reason: str, num_params: int) -> dict:
     summary = {
         "wall_time_s": wall,
         "steps": run.step,
-        # whole-run averages (all segments of a resumed run), so a re-emitted summary of a
-        # finished run reports the same numbers
+        # whole-run averages (all segments of a resumed run, the whole job's rays), so a
+        # re-emitted summary of a finished run reports the same numbers
         "steps_per_s": run.step / max(wall, 1e-9),
         "rays_per_s": run.step * t.batch_size / max(wall, 1e-9),
         "peak_memory_mb": peak_memory_mb(run.device),
         "device": str(run.device),
+        "world_size": world_size,
         "preset": run.preset,
         "batch_size": t.batch_size,
         "precision": t.precision,
+        "compile": t.compile,
         "num_params": num_params,
         "final_train_psnr": last.get("psnr"),
         "final_loss": last.get("loss"),
@@ -449,30 +443,57 @@ def train(
     preset: str | None = None,
     progress: bool = True,
 ) -> dict:
-    """Train on ``scene_dir`` into ``out_dir``; returns the summary dict.
+    """Train on ``scene_dir`` into ``out_dir``; returns the summary dict ({} on ranks > 0).
 
-    Raises TrainingStopped (with exit code) on a signal or a NaN/inf loss, UserError on
-    bad input or a folder in use.
+    Data-parallel when launched by torchrun or srun (``distributed``). Raises
+    TrainingStopped (with exit code) on a signal or a NaN/inf loss, UserError on bad input
+    or a folder in use.
     """
+    ctx, dev = distributed.init(runs.resolve_device(device))
+    try:
+        return _train(
+            ctx, dev, scene_dir, out_dir, cfg, resume, restart_on_change, manifest, preset, progress
+        )
+    except UserError as e:
+        if ctx.is_main or isinstance(e, distributed.QuietExit) or "rank" in str(e):
+            raise
+        raise distributed.QuietExit(e.exit_code) from None  # rank 0 says it once
+    finally:
+        distributed.shutdown(ctx)
+
+
+def _train(
+    ctx, dev, scene_dir, out_dir, cfg, resume, restart_on_change, manifest, preset, progress
+) -> dict:
     from mipnerf360 import datasets
 
-    dev = runs.resolve_device(device)
-    if dev.type == "cuda" and cfg.train.precision == "tf32":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    t = cfg.train
+    distributed.check_batch(t.batch_size, ctx)
     scene = datasets.load_scene(scene_dir, cfg.data)
+    # The scene's content fingerprint: the manifest's (prepare hashed what it loaded, the same
+    # function) or computed here.
+    fingerprint = None
     if manifest:
-        check_manifest(scene, manifest)
-    identity = runs.make_identity(cfg, scene_fingerprint(scene))
-    with runs.run_lock(out_dir, "train"):
-        for p in runs.clear_leftovers(out_dir):
-            print(f"removed {p} (left by a killed write)", file=sys.stderr)
+        fingerprint = check_manifest(scene, manifest, cfg).get("fingerprint")
+    identity = runs.make_identity(cfg, fingerprint or datasets.scene_fingerprint(scene))
+    with contextlib.ExitStack() as stack:
         run = _build_run(out_dir, cfg, scene, identity, dev, preset)
-        moved = _start(run, resume=resume, restart_on_change=restart_on_change)
+        moved, error = None, None
+        if ctx.is_main:  # one process decides and writes: lock, clean-up, resume or move aside
+            try:
+                stack.enter_context(runs.run_lock(out_dir, "train"))
+                for p in runs.clear_leftovers(out_dir):
+                    print(f"removed {p} (left by a killed write)", file=sys.stderr)
+                moved = _start(run, resume=resume, restart_on_change=restart_on_change)
+            except UserError as e:
+                error = e
+        distributed.broadcast_error(ctx, error)
+        shared = {"step": run.step, "prior_wall": run.prior_wall}
+        shared = distributed.broadcast_state(ctx, run.model, run.optimizer, shared)
+        run.step, run.prior_wall = shared["step"], shared["prior_wall"]
         num_params = sum(p.numel() for p in run.model.parameters())
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
-        t = cfg.train
         try:
             if run.step >= t.max_steps:
                 reason = "max_steps"  # finished earlier: re-emit the outputs
@@ -480,12 +501,14 @@ def train(
                 reason = "time_limit"
             else:
                 run.t0 = time.perf_counter()
-                reason = _loop(run, progress)
+                reason = _loop(run, progress, ctx)
         except BaseException:
             if moved:
                 _restore_previous(out_dir, moved)
             raise
-        return _finish(run, reason, num_params)
+        if not ctx.is_main:
+            return {}
+        return _finish(run, reason, num_params, ctx.world_size)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -512,6 +535,13 @@ def build_parser() -> argparse.ArgumentParser:
         "OUT_DIR/previous/ and start from step 0 instead of failing",
     )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=1,
+        help="data-parallel processes on this node (one per GPU); the same as starting the "
+        "command under `torchrun --standalone --nproc-per-node N`",
+    )
     p.add_argument("--manifest", default=None, help="prepare-step JSON; its split must match")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
@@ -525,7 +555,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+    if args.nproc_per_node < 1:
+        raise ConfigError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
     cfg = configs.get_config(args.preset, args.config, args.overrides)
+    if args.nproc_per_node > 1 and distributed.launch_env() is None:
+        distributed.check_batch(cfg.train.batch_size, distributed.Context(0, args.nproc_per_node))
+        rest, skip = [], False
+        for a in argv if argv is not None else sys.argv[1:]:
+            if not skip and not a.startswith("--nproc-per-node"):
+                rest.append(a)
+            skip = a == "--nproc-per-node"  # (its value comes next)
+        return distributed.launch(args.nproc_per_node, rest)
     old_threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,5 +1,7 @@
 """Fixtures shared by the tests."""
 
+import os
+
 import pytest
 import torch
 
@@ -11,3 +13,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def image_cache(tmp_path_factory):
+    """Downsampled-image caches of the loaders go to a temporary folder, not ~/.cache."""
+    old = os.environ.get("MIPNERF360_CACHE")
+    os.environ["MIPNERF360_CACHE"] = str(tmp_path_factory.mktemp("mipnerf360-cache"))
+    yield
+    if old is None:
+        os.environ.pop("MIPNERF360_CACHE", None)
+    else:
+        os.environ["MIPNERF360_CACHE"] = old

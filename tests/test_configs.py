@@ -149,3 +149,70 @@ def test_override_reads_exponent_without_dot_as_float():
     assert cfg.data.far == 1e6 and cfg.train.lr_init == 5e-3
     with pytest.raises(configs.ConfigError, match="model.raydist_fn"):
         configs.get_config("cpu", overrides=["model.raydist_fn=1e3"])
+
+
+# ----------------------------------------------------------------------------- validate
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.batch_size=0", "train.batch_size must be >= 1, got 0"),
+        ("train.data_loss_type=l1", "train.data_loss_type: 'l1' is not one of 'charb', 'mse'"),
+        ("train.batching=rays", "train.batching: 'rays' is not one of"),
+        ("model.ray_shape=sphere", "model.ray_shape: 'sphere' is not one of"),
+        ("model.raydist_fn=cubic", "model.raydist_fn: 'cubic' is not one of"),
+        ("model.nerf_mlp.warp_fn=squash", "model.nerf_mlp.warp_fn: 'squash' is not one of"),
+        ("model.prop_mlp.basis_shape=cube", "model.prop_mlp.basis_shape: 'cube' is not one of"),
+        ("train.compile=maybe", "train.compile: 'maybe' is not one of"),
+        ("train.precision=fp16", "train.precision: 'fp16' is not one of"),
+        ("data.dataset_type=nerfstudio", "data.dataset_type: 'nerfstudio' is not one of"),
+        ("train.lr_init=0", "train.lr_init must be > 0"),
+        ("train.adam_beta1=1", "train.adam_beta1 must be in [0, 1)"),
+        ("train.adam_beta2=-0.1", "train.adam_beta2 must be in [0, 1)"),
+        ("model.num_levels=0", "model.num_levels must be >= 1"),
+        ("model.num_nerf_samples=0", "model.num_nerf_samples must be >= 1"),
+        ("data.near=-1", "data.near must be >= 0"),
+        ("data.far=0.1", "data.far must be > data.near"),
+        ("data.llffhold=0", "data.llffhold must be >= 1"),
+        ("data.factor=-2", "data.factor must be >= 0"),
+        ("eval.lpips_nets=[squeeze]", "eval.lpips_nets: 'squeeze' is not one of alex, vgg"),
+        ("train.max_steps.foo=1", "train.max_steps.foo: train.max_steps is a value, not a section"),
+        ("train=3", "train: expected a mapping"),
+    ],
+)
+def test_validate_names_the_key_and_the_allowed_values(override, message):
+    with pytest.raises(ConfigError) as e:
+        get_config("360", overrides=[override])
+    assert message in str(e.value)
+
+
+def test_every_preset_is_valid_and_from_dict_validates():
+    for name in configs.PRESETS:
+        configs.validate(configs.preset(name))
+    d = configs.to_dict(configs.preset("cpu"))
+    d["train"]["batching"] = "rays"
+    with pytest.raises(ConfigError, match="train.batching"):
+        configs.from_dict(d)
+
+
+def test_compile_on_and_off_from_yaml_and_the_command_line(tmp_path):
+    # YAML 1.1 reads on/off as booleans; the field is a choice of strings.
+    for raw, want in (("on", "on"), ("off", "off"), ("'on'", "on"), ("auto", "auto")):
+        assert get_config("cpu", overrides=[f"train.compile={raw}"]).train.compile == want
+        p = tmp_path / "c.yaml"
+        p.write_text(f"train:\n  compile: {raw}\n")
+        assert get_config("cpu", yaml_path=p).train.compile == want
+
+
+def test_choice_lists_agree_with_the_code_that_implements_them():
+    from mipnerf360 import coord, datasets, geopoly, model, sampling, train_utils
+
+    c = configs.CHOICES
+    assert set(c["data.dataset_type"]) == set(datasets.DATASET_TYPES) == set(datasets.LOADERS)
+    assert set(c["model.raydist_fn"]) == set(coord._RAY_WARPS) - {"linear"}
+    assert set(c["model.*.warp_fn"]) - {None} == set(model._WARP_FNS)
+    for shape in c["model.*.basis_shape"]:
+        assert geopoly.generate_basis(shape, 1).shape[1] == 3
+    assert set(c["train.batching"]) == set(sampling.BATCHING_MODES)
+    assert set(c["train.precision"]) == set(train_utils.PRECISIONS)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image as PILImage
 
-from mipnerf360 import camera, colmap, datasets, io
+from mipnerf360 import camera, colmap, datasets, io, sampling
 from mipnerf360.configs import DataConfig
 from mipnerf360.errors import UserError
 from mipnerf360.model import RAY_KEYS
@@ -139,7 +139,7 @@ def test_sampler_matches_image_rays(tmp_path):
     d = dict(np.load(GOLDEN / "llff_loader_forward_facing.npz"))
     for ff in (False, True):
         s = datasets.load_scene(_write_golden_scene(d, tmp_path / str(ff)), _golden_cfg(d, ff))
-        sampler = datasets.RaySampler(s, 64, "cpu", seed=3)
+        sampler = sampling.RaySampler(s, 64, "cpu", seed=3)
         cam = torch.tensor([0, 5, 13, 2])
         px, py = torch.tensor([0, 15, 7, 3]), torch.tensor([0, 11, 4, 9])
         got = sampler.rays_for(cam, px, py)
@@ -152,32 +152,6 @@ def test_sampler_matches_image_rays(tmp_path):
             np.testing.assert_array_equal(
                 got["rgb"][j].numpy(), s.images[s.i_train[cam[j]]][py[j], px[j]]
             )
-
-
-def test_sampler_determinism_and_state(tmp_path):
-    d = dict(np.load(GOLDEN / "llff_loader_360.npz"))
-    s = datasets.load_scene(_write_golden_scene(d, tmp_path), _golden_cfg(d, False))
-    a = datasets.RaySampler(s, 128, "cpu", seed=7)
-    b = datasets.RaySampler(s, 128, "cpu", seed=7)
-    a.sample()
-    b.sample()
-    state = a.get_state()
-    x1 = a.sample()
-    x2 = a.sample()
-    assert set(x1) == {"origins", "directions", "viewdirs", "radii", "near", "far", "rgb"}
-    for k, v in x1.items():
-        assert v.dtype == torch.float32 and v.shape[0] == 128, k
-    assert x1["radii"].shape == (128, 1) and x1["near"].shape == (128, 1)
-    torch.testing.assert_close(b.sample()["rgb"], x1["rgb"], rtol=0, atol=0)
-    c = datasets.RaySampler(s, 128, "cpu", seed=0)
-    c.set_state(state)
-    for ref in (x1, x2):
-        got = c.sample()
-        for k in ref:
-            torch.testing.assert_close(got[k], ref[k], rtol=0, atol=0)
-    assert not torch.equal(x1["origins"], x2["origins"])
-    single = datasets.RaySampler(s, 128, "cpu", seed=1, batching="single_image").sample()
-    assert torch.unique(single["origins"], dim=0).shape[0] == 1
 
 
 # ---------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from mipnerf360 import cli, configs, datasets, io, prepare, synthetic, train
+from mipnerf360.errors import UserError
 
 
 def run(src, manifest, dataset_type, factor=0, overrides=(), preset=None):
@@ -63,7 +64,12 @@ def test_manifest_matches_the_loader_and_training_check(
         "cpu", overrides=[f"data.dataset_type={dataset_type}", f"data.factor={factor}"]
     )
     scene = datasets.load_scene(prepared, cfg.data)
-    train.check_manifest(scene, str(manifest_path))  # what `mipnerf360 train --manifest` does
+    train.check_manifest(scene, str(manifest_path), cfg)  # what `train --manifest` does
+    other = configs.get_config(
+        "cpu", overrides=[f"data.dataset_type={dataset_type}", f"data.factor={factor + 1}"]
+    )
+    with pytest.raises(UserError, match=f"prepared with data.factor={factor}"):
+        train.check_manifest(scene, str(manifest_path), other)
     assert m["num_images"] == len(scene.names) == len(m["images"])
     assert len(m["split"]["train"]) + len(m["split"]["test"]) == m["num_images"]
     assert (m["width"], m["height"]) == (scene.width, scene.height)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from mipnerf360 import cli, configs, datasets, evaluate, runs, synthetic, train
+from mipnerf360 import cli, configs, datasets, evaluate, render_views, runs, synthetic, train
 
 # A very small model so a step takes tens of milliseconds on a CPU.
 SMALL = [
@@ -228,8 +228,8 @@ def test_end_to_end_beats_mean_colour(tmp_path):
     opts += ["model.prop_mlp.max_deg_point=6", "model.nerf_mlp.max_deg_point=8"]
     assert _run(scene, run, *opts) == 0  # (the later overrides win over SMALL's)
     renders, metrics_dir = tmp_path / "renders", tmp_path / "metrics"
-    assert evaluate.render_main([str(run), scene, str(renders), "--device", "cpu"]) == 0
-    assert evaluate.evaluate_main([str(renders), str(metrics_dir), "--lpips-nets", "alex"]) == 0
+    assert render_views.main([str(run), scene, str(renders), "--device", "cpu"]) == 0
+    assert evaluate.main([str(renders), str(metrics_dir), "--lpips-nets", "alex"]) == 0
     m = json.loads((metrics_dir / "metrics.json").read_text())
 
     cfg = configs.load_config(run / "config.yaml")
