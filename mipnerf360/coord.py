@@ -78,8 +78,10 @@ def track_linearize(
     a, b, u = contract_jacobian_terms(mean)
     # J cov J^T with J = a I + b u u^T, expanded to avoid 3x3 matmuls:
     # a^2 cov + a b (cov u u^T + u u^T cov) + b^2 (u^T cov u) u u^T  (cov symmetric or not).
-    cu = torch.einsum("...ij,...j->...i", cov, u)  # cov u
-    uc = torch.einsum("...j,...ji->...i", u, cov)  # u^T cov
+    # Element-wise products, not einsum: full float32 also under bf16 autocast or TF32
+    # (multinerf computes these with Precision.HIGHEST).
+    cu = torch.sum(cov * u[..., None, :], dim=-1)  # cov u
+    uc = torch.sum(u[..., :, None] * cov, dim=-2)  # u^T cov
     ucu = torch.sum(u * cu, dim=-1, keepdim=True)  # u^T cov u
     a2 = a[..., None]
     b2 = b[..., None]
@@ -106,9 +108,17 @@ def lift_and_diagonalize(
     (mean @ basis [..., K], diag(basis^T cov basis) [..., K]).
     """
     basis = _as_tensor_like(basis, mean)
-    fn_mean = torch.matmul(mean, basis)
-    fn_cov_diag = torch.sum(basis * torch.matmul(cov, basis), dim=-2)
+    # x @ basis over the 3 coordinates written out: exact float32 under bf16 autocast and
+    # TF32, whose rounding of the means would be amplified 2^max_deg times by the IPE
+    # (multinerf ``math.matmul`` uses Precision.HIGHEST here for the same reason).
+    fn_mean = _times_basis(mean, basis)  # [..., K]
+    fn_cov_diag = torch.sum(basis * _times_basis(cov, basis), dim=-2)  # cov @ basis: [..., 3, K]
     return fn_mean, fn_cov_diag
+
+
+def _times_basis(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """x [..., 3] @ basis [3, K] -> [..., K] as three broadcast multiply-adds."""
+    return x[..., 0:1] * basis[0] + x[..., 1:2] * basis[1] + x[..., 2:3] * basis[2]
 
 
 def safe_sin(x: torch.Tensor) -> torch.Tensor:

@@ -206,3 +206,25 @@ def test_construct_ray_warps_reciprocal_formula():
     torch.testing.assert_close(s_to_t(s), 1 / (s / 1e6 + (1 - s) / 0.2))
     with pytest.raises(ValueError, match="unknown raydist"):
         coord.construct_ray_warps("tan", 0.2, 1.0)
+
+
+@pytest.mark.parametrize("fn", ["lift", "linearize"])
+def test_gaussian_maths_stays_float32_under_bf16_autocast(fn):
+    """The IPE multiplies the projected means by up to 2^max_deg: they must not be rounded
+    to bf16 (or TF32) by autocast (multinerf uses Precision.HIGHEST matmuls there)."""
+    gen = torch.Generator().manual_seed(0)
+    mean = torch.randn(64, 8, 3, generator=gen) * 3
+    a = torch.randn(64, 8, 3, 3, generator=gen) * 0.1
+    cov = a @ a.transpose(-1, -2)
+    basis = torch.randn(3, 21, generator=gen)
+    if fn == "lift":
+        ref = coord.lift_and_diagonalize(mean, cov, basis)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = coord.lift_and_diagonalize(mean, cov, basis)
+    else:
+        ref = coord.track_linearize("contract", mean, cov)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = coord.track_linearize("contract", mean, cov)
+    for g, r in zip(got, ref, strict=True):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-6)

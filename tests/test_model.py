@@ -183,6 +183,20 @@ def test_training_jitter_is_seeded_and_per_ray(golden_fwd):
     np.testing.assert_allclose(steps.numpy(), steps[:, :1].expand_as(steps).numpy(), atol=1e-6)
 
 
+def test_mlp_outputs_are_float32_under_bf16_autocast(golden_fwd):
+    """Only the layers run in bf16: densities and colours reach compositing as float32."""
+    model = _tiny(golden_fwd)
+    rays = _rays(golden_fwd)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        renderings, history = model(rays, 0.5, rng=_keys(0, 6))
+    for level in history:
+        assert level["density"].dtype == torch.float32 and level["rgb"].dtype == torch.float32
+    assert renderings[-1]["rgb"].dtype == torch.float32
+    with torch.no_grad():
+        ref, _ = model(rays, 0.5, rng=_keys(0, 6))
+    torch.testing.assert_close(renderings[-1]["rgb"], ref[-1]["rgb"], rtol=0.05, atol=0.02)
+
+
 def test_jitter_depends_on_the_ray_key_not_the_batch_split(golden_fwd):
     """A ray's jitter is a function of its key (seed, step, global index): rendering rays
     3..5 alone gives their rows of the full batch, bit for bit (data-parallel ranks)."""
