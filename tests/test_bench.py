@@ -109,3 +109,24 @@ def test_flops_counter_state_is_separate():
     a = bench.run_bench(cfg, steps=2, warmup=0, flops=True)
     b = bench.run_bench(cfg, steps=2, warmup=0)
     np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-6)
+
+
+@pytest.mark.slow  # about two minutes: benchmarks/gpu.sh end to end on the CPU
+def test_gpu_script_smoke_mode_writes_its_table(tmp_path):
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "benchmarks" / "gpu.sh"
+    out = tmp_path / "gpu"
+    r = subprocess.run(
+        ["bash", str(script), "--smoke", str(out)], capture_output=True, text=True, timeout=400
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    table = (out / "table.md").read_text()
+    assert table.strip() in r.stdout
+    for prec in ("fp32", "tf32", "bf16"):  # the eager rows carry numbers
+        assert re.search(rf"\| {prec} \| off \| [0-9,]+ \| [0-9.]+ \| [0-9.]+ \|", table), table
+    assert re.search(r"Matmul FLOPs per ray .*: [0-9.]+ M", table), table
+    assert re.search(r"Bird test PSNR: [0-9.]+ dB", table), table
+    assert re.search(r"projected [0-9.]+ h for 250k steps", table), table
+    assert "Top-10 kernels" in table
