@@ -55,7 +55,7 @@ def test_parameter_counts_match_reference(name, count):
 
 
 def test_360_layer_shapes():
-    """spec 7: NerfMLP 504 -> 8x1024 with the skip concat after layer 4; PropMLP 4x256."""
+    """multinerf models.MLP: NerfMLP 504 -> 8x1024, skip concat after layer 4; PropMLP 4x256."""
     model = M.build_model("360")
     nerf = [tuple(layer.weight.shape) for layer in model.nerf_mlp.flax_layers()]
     assert nerf[0] == (1024, 504) and nerf[5] == (1024, 1024 + 504)
@@ -262,7 +262,7 @@ def test_render_image_matches_forward_and_chunks(golden_fwd):
 
 
 def _naive_mlp_forward(mlp, means, covs, viewdirs):
-    """multinerf MLP.__call__ written with explicit concatenations (spec section 7)."""
+    """multinerf MLP.__call__ written with explicit concatenations."""
     cfg = mlp.cfg
     layers = iter(mlp.flax_layers())
     features = mlp.featurize(means, covs)
