@@ -533,6 +533,15 @@ def test_eval_change_reruns_render_and_evaluate_not_training(tiny_run):
     assert not {j for j in jobs if j[0] == "train"}
 
 
+def test_key_order_is_not_a_setting(tmp_path):
+    wd = workflow_copy(tmp_path)
+    write_config(wd / "a.yaml", TINY)
+    (wd / "b.yaml").write_text(yaml.safe_dump(TINY, sort_keys=True))
+    a = shell_commands(wd, "--configfile", "a.yaml")
+    b = shell_commands(wd, "--configfile", "b.yaml")
+    assert sorted(a) == sorted(b)
+
+
 @pytest.mark.slow
 def test_device_change_reruns_nothing(tiny_run):
     cfg = tiny()

@@ -185,7 +185,9 @@ def _format_value(v):
 
 
 def _args(values):
-    return [f"{k}={_format_value(v)}" for k, v in values.items()]
+    """key=value arguments, sorted by key: the order of keys in a config file is not a
+    setting (reordering them reruns nothing)."""
+    return [f"{k}={_format_value(v)}" for k, v in sorted(values.items())]
 
 
 @functools.lru_cache(maxsize=None)
