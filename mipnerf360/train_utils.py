@@ -31,6 +31,7 @@ from mipnerf360 import stepfun
 from mipnerf360.configs import Config, TrainConfig
 from mipnerf360.coord import EPS32
 from mipnerf360.errors import ConfigError
+from mipnerf360.metrics import mse_to_psnr
 from mipnerf360.model import MLP_NAMES
 
 PRECISIONS = ("fp32", "tf32", "bf16")
@@ -75,13 +76,6 @@ def lr_at_update(step: int, tcfg: TrainConfig) -> float:
 def train_frac_at(step: int, max_steps: int) -> float:
     """clip((step - 1)/(max_steps - 1), 0, 1) for a 1-based step (multinerf train.py)."""
     return float(np.clip((step - 1) / max(max_steps - 1, 1), 0.0, 1.0))
-
-
-def mse_to_psnr(mse):
-    """PSNR of a mean squared error for images in [0, 1]: -10/ln(10) ln(mse) (multinerf
-    ``image.mse_to_psnr``); a tensor gives a tensor, a number or numpy array numpy."""
-    log = torch.log(mse) if isinstance(mse, torch.Tensor) else np.log(mse)
-    return -10.0 / math.log(10.0) * log
 
 
 def compute_data_loss(

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from mipnerf360 import configs, sampling
+from mipnerf360 import configs, metrics, sampling
 from mipnerf360 import model as M
 from mipnerf360 import train_utils as T
 
@@ -329,7 +329,7 @@ def test_bf16_trains_like_fp32(small_scene, one_thread):
     def psnr(model):
         with torch.no_grad():
             renderings, _ = model(probe, 1.0)
-        return float(T.mse_to_psnr(torch.mean((renderings[-1]["rgb"] - probe["rgb"]) ** 2)))
+        return float(metrics.mse_to_psnr(torch.mean((renderings[-1]["rgb"] - probe["rgb"]) ** 2)))
 
     result = {}
     for precision in ("fp32", "bf16"):
