@@ -155,14 +155,24 @@ def agree_max(ctx: Context, values: list[int]) -> list[int]:
 
 
 def mean_stats(ctx: Context, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Average logged 0-d statistics over ranks (each rank saw its own shard)."""
+    """Average the logged 0-d statistics over ranks (each rank saw its own shard), so they
+    describe the global batch: losses and MSEs are means over equal shards; PSNRs are then
+    recomputed from the averaged MSEs (the mean of PSNRs would not be the batch's PSNR)."""
     if not ctx.active:
         return stats
+    from mipnerf360.metrics import mse_to_psnr
+
     keys = [k for k, v in stats.items() if v.is_floating_point()]
     t = torch.stack([stats[k].float() for k in keys])
     _collective(ctx, "averaging the log values", dist.all_reduce, t)
     t /= ctx.world_size
-    return {**stats, **dict(zip(keys, t, strict=True))}
+    out = {**stats, **dict(zip(keys, t, strict=True))}
+    levels = sorted(int(k[4:]) for k in out if k.startswith("mse_"))
+    for i in levels:
+        out[f"psnr_{i}"] = mse_to_psnr(out[f"mse_{i}"])
+    if levels:
+        out["psnr"] = out[f"psnr_{levels[-1]}"]
+    return out
 
 
 def broadcast_state(ctx: Context, model: torch.nn.Module, optimizer, scalars: dict) -> dict:

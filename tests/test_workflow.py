@@ -322,6 +322,19 @@ def test_eval_settings_are_params_of_render_and_evaluate_only(tmp_path):
     assert all("--device cpu" in c for c in train if "mipnerf360 train" in c)
 
 
+def test_gpus_of_a_train_job_are_data_parallel_processes(tmp_path):
+    wd = workflow_copy(tmp_path)
+    cfg = tiny()
+    cfg["resources"]["train"]["gpu"] = 4
+    write_config(wd / "gpus.yaml", cfg)
+    train = [c for c in shell_commands(wd, "--configfile", "gpus.yaml") if " train " in c]
+    assert train and all("--nproc-per-node 4" in c for c in train)
+    cfg["resources"]["train"].update(gpu=0, processes=2)  # CPU processes (gloo)
+    write_config(wd / "procs.yaml", cfg)
+    train = [c for c in shell_commands(wd, "--configfile", "procs.yaml") if " train " in c]
+    assert train and all("--nproc-per-node 2" in c for c in train)
+
+
 def test_lint_is_clean():
     res, log = run(["--lint"], REPO, timeout=120)
     assert res.returncode == 0, log

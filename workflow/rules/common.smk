@@ -302,14 +302,17 @@ def archive_args(wildcards):
 
 
 def step_resources(step, dataset=None):
-    """threads/mem_mb/runtime/gpu of a step: defaults < resources.default < resources.<step>
-    < datasets.<dataset>.resources (train only)."""
+    """threads/mem_mb/runtime/gpu/processes of a step: defaults < resources.default <
+    resources.<step> < datasets.<dataset>.resources (train only). `processes` (data-parallel
+    processes of one training, `mipnerf360 train --nproc-per-node`) defaults to one per GPU.
+    """
     res = config.get("resources", {})
     out = {**_DEFAULT_RESOURCES, **_STEP_DEFAULTS.get(step, {})}
     out.update(res.get("default") or {})
     out.update(res.get(step) or {})
     if dataset is not None:
         out.update(DATASETS[dataset].get("resources") or {})
+    out.setdefault("processes", max(1, out["gpu"]))
     return out
 
 

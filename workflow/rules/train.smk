@@ -35,6 +35,9 @@ rule train:
         mem_mb=train_resource("mem_mb"),
         runtime=train_resource("runtime"),
         gpu=train_resource("gpu"),
+        # one training on N GPUs (or N CPU processes) of one node: N data-parallel ranks
+        processes=train_resource("processes"),
+        nodes=1,
         device=DEVICE,
     params:
         outdir=subpath(output.model, parent=True),
@@ -42,4 +45,5 @@ rule train:
     shell:
         "mipnerf360 train {input.scene:q} {params.outdir:q} {params.args}"
         " --manifest {input.manifest:q} --resume --restart-on-change --no-progress"
-        " --threads {threads} --device {resources.device} > {log} 2>&1"
+        " --threads {threads} --device {resources.device}"
+        " --nproc-per-node {resources.processes} > {log} 2>&1"
