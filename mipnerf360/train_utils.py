@@ -314,7 +314,9 @@ class TrainStep:
         ):
             raise ValueError("TrainStep needs the one-group Adam of create_optimizer")
         # The learning rate lives on the device: fused Adam takes a tensor lr, which the
-        # update sets to 0 on a non-finite step without asking the host.
+        # update sets to 0 on a non-finite step without asking the host. (Other devices take
+        # Adam's float lr: there a non-finite step updates with the zeroed gradients, as
+        # multinerf does.)
         self._tensor_lr = bool(optimizer.defaults.get("fused")) or bool(
             optimizer.defaults.get("capturable")
         )
@@ -422,15 +424,6 @@ class TrainStep:
     # -- public --
 
     def __call__(self, step, rank: int = 0, world_size: int = 1) -> dict[str, torch.Tensor]:
-        if isinstance(step, Mapping):  # the former call (batch, step, generator)
-            batch, step, generator = step, rank, world_size
-            rng = None
-            if isinstance(generator, torch.Generator):
-                n = batch["rgb"].shape[0]
-                rng = torch.randint(
-                    0, 2**32, (n,), generator=generator, device=generator.device
-                ).to(self.device)
-            return self.run_batch(batch, step, rng=rng)
         if self.sampler is None:
             raise ValueError("this train step has no sampler: use run_batch(batch, step)")
         return self._run(None, step, rank, world_size, None, None)
