@@ -21,9 +21,10 @@ import numpy as np
 import torch
 
 from mipnerf360 import camera
+from mipnerf360.configs import CHOICES
 from mipnerf360.errors import ConfigError
 
-BATCHING_MODES = ("all_images", "single_image")
+BATCHING_MODES = CHOICES["train.batching"]  # configs.CHOICES is the one list
 
 _MASK32 = 0xFFFFFFFF
 # Streams: which random numbers of a ray a draw is (kept apart so they are independent).

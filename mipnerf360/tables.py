@@ -207,6 +207,22 @@ def read_runs(results: str | os.PathLike, spec: Spec) -> tuple[pd.DataFrame, dic
     return long, factors
 
 
+def run_modes(results: str | os.PathLike, spec: Spec) -> dict[str, dict[str, int]]:
+    """{dataset: {how its runs were trained: number of runs}} from the summaries: precision,
+    compile, device and processes, torch version (for the tables' provenance)."""
+    out: dict[str, dict[str, int]] = {}
+    for run in spec.runs:
+        s = _read_mapping(Path(results) / "train" / run_dir(run) / "summary.json", io.read_json)
+        compiled = {True: "compiled", False: "eager"}.get(s.get("compiled"), "compile ?")
+        mode = (
+            f"precision {s.get('precision', 'fp32')}, {compiled}, {s.get('device', '?')} x "
+            f"{s.get('world_size', 1)} process(es), torch {s.get('torch_version', '?')}"
+        )
+        counts = out.setdefault(run[0], {})
+        counts[mode] = counts.get(mode, 0) + 1
+    return out
+
+
 def shown_metrics(long: pd.DataFrame) -> list[Metric]:
     """The registry's metrics that some run reported (always-on ones always)."""
     have = set(long.loc[long["value"].notna(), "metric"])
@@ -630,11 +646,21 @@ def _tex_table(body: str, caption: str) -> str:
     )  # fmt: skip
 
 
-def write_dataset(t: DatasetTable, spec: Spec, pub_all: dict, out_dir: Path) -> None:
+def _mode_lines(modes: dict[str, dict[str, int]], datasets: list[str]) -> list[str]:
+    counts: dict[str, int] = {}
+    for d in datasets:
+        for mode, n in modes.get(d, {}).items():
+            counts[mode] = counts.get(mode, 0) + n
+    return [f"Trained with {mode}: {n} run(s)." for mode, n in counts.items()]
+
+
+def write_dataset(
+    t: DatasetTable, spec: Spec, pub_all: dict, out_dir: Path, modes: dict | None = None
+) -> None:
     groups, header, rows = _scene_layout(t, spec)
     s_header, s_rows = _summary_layout(t, spec)
     notes = [_stats_line(spec, t.name), *_protocol_lines(t, pub_all)]
-    prov = _archive_lines(spec, [t.name])
+    prov = _archive_lines(spec, [t.name]) + _mode_lines(modes or {}, [t.name])
     title = f"{t.name}: per scene"
     md = [
         f"## {title}",
@@ -662,7 +688,9 @@ def write_dataset(t: DatasetTable, spec: Spec, pub_all: dict, out_dir: Path) -> 
     _write_files(out_dir, t.name, t.df, md, tex)
 
 
-def write_combined(tables: dict[str, DatasetTable], spec: Spec, out_dir: Path) -> pd.DataFrame:
+def write_combined(
+    tables: dict[str, DatasetTable], spec: Spec, out_dir: Path, modes: dict | None = None
+) -> pd.DataFrame:
     comb = combined_table(tables, spec)
     first = next(iter(tables.values()))
     # one layout for all data sets: the metrics and variants they share
@@ -678,7 +706,7 @@ def write_combined(tables: dict[str, DatasetTable], spec: Spec, out_dir: Path) -
     proxy.variants = [v for v in spec.variants if all(v in t.variants for t in tables.values())]
     groups, header, rows = _scene_layout(proxy, spec, proxy.df)
     header[0] = "dataset"
-    prov = _archive_lines(spec, [])
+    prov = _archive_lines(spec, []) + _mode_lines(modes or {}, list(tables))
     md = [
         "## Data-set means (mean over scenes)",
         "",
@@ -757,15 +785,16 @@ def make_tables(
     wanted = any(spec.published.values())
     pub_all = load_published(published_file) if wanted else {}
     long, factors = read_runs(results, spec)
+    modes = run_modes(results, spec)
     io.write_text(out_dir / "runs.csv", long.to_csv(index=False, float_format="%.10g"))
     tables = {}
     for d in spec.datasets:
         t = dataset_table(long, factors, spec, d, pub_all)
-        write_dataset(t, spec, pub_all, out_dir)
+        write_dataset(t, spec, pub_all, out_dir, modes)
         if figures:
             psnr_figure(t, spec, pub_all, out_dir / f"{d}_psnr.png")
         tables[d] = t
-    comb = write_combined(tables, spec, out_dir)
+    comb = write_combined(tables, spec, out_dir, modes)
     out = {d: t.df for d, t in tables.items()}
     out["combined"] = comb
     out["runs"] = long

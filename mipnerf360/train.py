@@ -177,6 +177,7 @@ class Run:
     rows: list = dataclasses.field(default_factory=list)
     preset: str | None = None
     t0: float | None = None  # when this process started training (None: not started)
+    compiled: bool | None = None  # whether this process's step ran under torch.compile
 
     @property
     def ckpt_dir(self) -> str:
@@ -317,6 +318,7 @@ def _loop(run: Run, progress: bool, ctx: distributed.Context) -> str:
     step_fn = train_utils.make_train_step(
         run.model, run.optimizer, run.cfg, sampler=run.sampler, grad_reduce=reduce
     )
+    run.compiled = step_fn.compiled
     tb = _tensorboard_writer(os.path.join(run.out_dir, "tb")) if ctx.is_main else None
     bar = None
     if progress and ctx.is_main:
@@ -405,6 +407,7 @@ def _finish(run: Run, reason: str, num_params: int, world_size: int = 1) -> dict
         "batch_size": t.batch_size,
         "precision": t.precision,
         "compile": t.compile,
+        "compiled": run.compiled,  # what 'compile' resolved to here (None: nothing trained)
         "num_params": num_params,
         "final_train_psnr": last.get("psnr"),
         "final_loss": last.get("loss"),

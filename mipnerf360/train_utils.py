@@ -28,13 +28,13 @@ import torch
 from torch.optim.adam import adam as adam_update
 
 from mipnerf360 import stepfun
-from mipnerf360.configs import Config, TrainConfig
+from mipnerf360.configs import CHOICES, Config, TrainConfig
 from mipnerf360.coord import EPS32
 from mipnerf360.errors import ConfigError
 from mipnerf360.metrics import mse_to_psnr
 from mipnerf360.model import MLP_NAMES
 
-PRECISIONS = ("fp32", "tf32", "bf16")
+PRECISIONS = CHOICES["train.precision"]  # configs.CHOICES is the one list
 
 
 def learning_rate_decay(
@@ -202,9 +202,9 @@ def compute_losses(model, batch, train_frac, rng, tcfg: TrainConfig):
 
 
 def precision_of(cfg: Config | TrainConfig) -> str:
-    """cfg.train.precision ('fp32' before the field exists); ConfigError if unknown."""
+    """cfg.train.precision; ConfigError if unknown."""
     tcfg = cfg.train if isinstance(cfg, Config) else cfg
-    precision = getattr(tcfg, "precision", "fp32")
+    precision = tcfg.precision
     if precision not in PRECISIONS:
         raise ConfigError(f"train.precision must be one of {PRECISIONS}, got {precision!r}")
     return precision

@@ -26,6 +26,11 @@ def write_run(root, d, s, v, k, psnr, ssim, lpips_vgg=None, factor=4, wall=120.0
         "steps": 100,
         "rays_per_s": 5000.0,
         "peak_memory_mb": 321.0,
+        "precision": "bf16" if v == "small" else "fp32",
+        "compiled": True,
+        "device": "cuda:0",
+        "world_size": 2,
+        "torch_version": "2.14.1",
     }
     (tr / "summary.json").write_text(json.dumps(summary))
     (tr / "config.yaml").write_text(yaml.safe_dump({"data": {"factor": factor}}))
@@ -252,6 +257,18 @@ def test_provenance_prints_pinned_and_recorded_hashes(ablation):
     assert f"sha256 {'cd' * 32} (pinned)" in md
     assert "other" not in md  # another data set's archive
     assert "not pinned and not recorded" in (out / "combined.md").read_text()
+
+
+def test_provenance_names_how_the_runs_were_trained(ablation):
+    root, spec = ablation
+    tables.make_tables(root, root / "tables", spec)
+    md = (root / "tables" / "m360.md").read_text()
+    common = "compiled, cuda:0 x 2 process(es), torch 2.14.1"
+    assert f"Trained with precision fp32, {common}: 12 run(s)." in md
+    assert f"Trained with precision bf16, {common}: 6 run(s)." in md
+    combined = (root / "tables" / "combined.md").read_text()  # m360 + toy's 2 runs
+    assert f"Trained with precision fp32, {common}: 13 run(s)." in combined
+    assert f"Trained with precision bf16, {common}: 7 run(s)." in combined
 
 
 def test_outputs_get_the_umask_permissions(ablation):
