@@ -318,7 +318,7 @@ def _loop(run: Run, progress: bool, ctx: distributed.Context) -> str:
     step_fn = train_utils.make_train_step(
         run.model, run.optimizer, run.cfg, sampler=run.sampler, grad_reduce=reduce
     )
-    run.compiled = step_fn.compiled
+    run.compiled = getattr(step_fn, "compiled", None)
     tb = _tensorboard_writer(os.path.join(run.out_dir, "tb")) if ctx.is_main else None
     bar = None
     if progress and ctx.is_main:

@@ -1,4 +1,5 @@
-"""Helpers shared by the golden-parity tests (imported as `helpers` from tests/)."""
+"""Helpers shared by the tests (imported as `helpers` from tests/): golden files of
+multinerf's outputs, and a very small model trained on a procedural scene."""
 
 from pathlib import Path
 
@@ -21,3 +22,42 @@ def t(a, dtype=None):
 
 def close(actual, expected, rtol=1e-5, atol=1e-6):
     np.testing.assert_allclose(actual.detach().cpu().numpy(), expected, rtol=rtol, atol=atol)
+
+
+# A very small model so a training step takes tens of milliseconds on a CPU.
+SMALL = [
+    "train.batch_size=64",
+    "model.num_prop_samples=8",
+    "model.num_nerf_samples=8",
+    "model.prop_mlp.net_width=16",
+    "model.prop_mlp.max_deg_point=4",
+    "model.prop_mlp.basis_shape=octahedron",
+    "model.prop_mlp.basis_subdivisions=1",
+    "model.nerf_mlp.net_depth=2",
+    "model.nerf_mlp.net_width=32",
+    "model.nerf_mlp.bottleneck_width=16",
+    "model.nerf_mlp.net_width_viewdirs=16",
+    "model.nerf_mlp.max_deg_point=6",
+    "model.nerf_mlp.basis_shape=octahedron",
+    "model.nerf_mlp.basis_subdivisions=1",
+    "eval.chunk_size=2048",
+]
+
+
+def train_small(root: Path, *overrides, n_views=9, width=40, height=32) -> tuple[str, str]:
+    """(scene_dir, run_dir): a procedural 360 scene under ``root`` and a SMALL model trained
+    on it with the ``cpu`` preset (2 steps unless ``overrides`` say), on one thread."""
+    from mipnerf360 import cli, synthetic
+
+    scene = synthetic.generate(
+        root / "scene", kind="360", n_views=n_views, width=width, height=height, factors=()
+    )
+    run = root / "run"
+    args = [scene, str(run), "--preset", "cpu", "--no-progress", "train.max_steps=2"]
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert cli.main(["train", *args, *SMALL, *overrides]) == 0
+    finally:
+        torch.set_num_threads(old)
+    return str(scene), str(run)

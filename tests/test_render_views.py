@@ -9,22 +9,11 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import train_small
 
-from mipnerf360 import configs, datasets, evaluate, render_views, synthetic, train
+from mipnerf360 import configs, datasets, evaluate, render_views
 from mipnerf360.errors import ConfigError, UserError
 from mipnerf360.runs import run_lock
-
-SMALL = [
-    "train.max_steps=2",
-    "train.batch_size=32",
-    "model.num_prop_samples=8",
-    "model.num_nerf_samples=8",
-    "model.prop_mlp.net_width=16",
-    "model.nerf_mlp.net_depth=2",
-    "model.nerf_mlp.net_width=32",
-    "model.nerf_mlp.bottleneck_width=16",
-    "eval.chunk_size=500",
-]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -32,18 +21,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A 2-step model of a 40x32 procedural 360 scene: (scene_dir, run_dir)."""
-    root = tmp_path_factory.mktemp("render")
-    scene = synthetic.generate(
-        root / "scene", kind="360", n_views=9, width=40, height=32, factors=()
+    return train_small(
+        tmp_path_factory.mktemp("render"), "train.batch_size=32", "eval.chunk_size=500"
     )
-    run = root / "run"
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert train.main([scene, str(run), "--preset", "cpu", "--no-progress", *SMALL]) == 0
-    finally:
-        torch.set_num_threads(old)
-    return str(scene), str(run)
 
 
 def test_render_writes_every_view(trained, tmp_path):

@@ -11,28 +11,9 @@ import time
 import numpy as np
 import pytest
 import torch
+from helpers import SMALL
 
 from mipnerf360 import cli, configs, datasets, evaluate, render_views, runs, synthetic, train
-
-# A very small model so a step takes tens of milliseconds on a CPU.
-SMALL = [
-    "train.batch_size=64",
-    "model.num_prop_samples=8",
-    "model.num_nerf_samples=8",
-    "model.prop_mlp.net_width=16",
-    "model.prop_mlp.max_deg_point=4",
-    "model.prop_mlp.basis_shape=octahedron",
-    "model.prop_mlp.basis_subdivisions=1",
-    "model.nerf_mlp.net_depth=2",
-    "model.nerf_mlp.net_width=32",
-    "model.nerf_mlp.bottleneck_width=16",
-    "model.nerf_mlp.net_width_viewdirs=16",
-    "model.nerf_mlp.max_deg_point=6",
-    "model.nerf_mlp.basis_shape=octahedron",
-    "model.nerf_mlp.basis_subdivisions=1",
-    "eval.chunk_size=2048",
-]
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -4,38 +4,17 @@ import os
 
 import numpy as np
 import pytest
+from helpers import train_small
 
-from mipnerf360 import configs, datasets, synthetic, train, video
+from mipnerf360 import configs, datasets, video
 from mipnerf360.errors import ConfigError, UserError
-
-SMALL = [
-    "train.max_steps=2",
-    "train.batch_size=32",
-    "model.num_prop_samples=8",
-    "model.num_nerf_samples=8",
-    "model.prop_mlp.net_width=16",
-    "model.prop_mlp.basis_shape=octahedron",
-    "model.prop_mlp.basis_subdivisions=1",
-    "model.nerf_mlp.net_depth=2",
-    "model.nerf_mlp.net_width=32",
-    "model.nerf_mlp.bottleneck_width=16",
-    "model.nerf_mlp.basis_shape=octahedron",
-    "model.nerf_mlp.basis_subdivisions=1",
-]
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("video")
-    scene = synthetic.generate(
-        root / "scene", kind="360", n_views=8, width=40, height=30, factors=()
-    )
-    run = root / "run"
-    assert train.main([scene, str(run), "--preset", "cpu", "--no-progress", *SMALL]) == 0
-    return scene, str(run)
+    return train_small(tmp_path_factory.mktemp("video"), n_views=8, width=40, height=30)
 
 
 def test_video_is_written_and_decodable(trained, tmp_path):
