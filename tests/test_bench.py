@@ -1,6 +1,7 @@
 """mipnerf360.bench: the throughput command runs real training steps of any config and
 prints one line."""
 
+import os
 import re
 
 import numpy as np
@@ -118,8 +119,15 @@ def test_gpu_script_smoke_mode_writes_its_table(tmp_path):
 
     script = Path(__file__).parent.parent / "benchmarks" / "gpu.sh"
     out = tmp_path / "gpu"
+    # The script shortens its later sections to hold a time budget; here every section must
+    # run whatever the machine's load, so the budget is lifted (this is not a timed test).
+    env = {**os.environ, "DEADLINE_S": "1200"}
     r = subprocess.run(
-        ["bash", str(script), "--smoke", str(out)], capture_output=True, text=True, timeout=400
+        ["bash", str(script), "--smoke", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=1500,
+        env=env,
     )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     table = (out / "table.md").read_text()
