@@ -61,3 +61,15 @@ def train_small(root: Path, *overrides, n_views=9, width=40, height=32) -> tuple
     finally:
         torch.set_num_threads(old)
     return str(scene), str(run)
+
+
+def wait_until_training(proc, out: Path, timeout: float = 120.0) -> None:
+    """Wait until the training subprocess ``proc`` has logged its first row in ``out``
+    (metrics.csv exists); fail with its output if it exits or does not start in time."""
+    import time
+
+    deadline = time.time() + timeout
+    while not (Path(out) / "metrics.csv").exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "training did not start"
+        time.sleep(0.2)

@@ -9,21 +9,15 @@ import subprocess
 import sys
 import time
 
+import helpers
 import pytest
 import torch
+from helpers import wait_until_training
 
 from mipnerf360 import distributed, runs, synthetic
 
-# A very small model (see test_train.SMALL); batch 64 splits into 2 x 32.
-SMALL = [
-    "train.batch_size=64",
-    "model.num_prop_samples=8",
-    "model.num_nerf_samples=8",
-    "model.prop_mlp.net_width=16",
-    "model.nerf_mlp.net_depth=2",
-    "model.nerf_mlp.net_width=32",
-    "train.log_every=1",
-]
+# The tests' very small model (batch 64 splits into 2 x 32), logging every step.
+SMALL = [*helpers.SMALL, "train.log_every=1"]
 # Why not bit-equal: with 2 ranks each rank averages the loss gradient over its 32 rays and
 # the all-reduce then averages the two; one process sums all 64 rays in one reduction. The
 # float32 sums are the same numbers added in another order (rounding ~1e-7 relative per
@@ -106,11 +100,7 @@ def test_sigterm_to_the_launcher_checkpoints_and_exits_143(scene_dir, tmp_path):
     opts = ["train.max_steps=100000", "train.checkpoint_every=100000"]
     proc = _train(scene_dir, run, *opts, nproc=2, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        deadline = time.time() + 120
-        while not (run / "metrics.csv").exists():
-            assert proc.poll() is None, proc.communicate()
-            assert time.time() < deadline, "training did not start"
-            time.sleep(0.2)
+        wait_until_training(proc, run)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     finally:
@@ -133,11 +123,7 @@ def test_a_killed_rank_fails_the_job_within_seconds_naming_it(scene_dir, tmp_pat
     opts = ["train.max_steps=100000", "train.checkpoint_every=20"]
     proc = _train(scene_dir, run, *opts, nproc=2, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        deadline = time.time() + 120
-        while not (run / "metrics.csv").exists():
-            assert proc.poll() is None, proc.communicate()
-            assert time.time() < deadline, "training did not start"
-            time.sleep(0.2)
+        wait_until_training(proc, run)
         ranks = subprocess.run(
             ["pgrep", "-f", f"{run} --preset"], capture_output=True, text=True
         ).stdout.split()

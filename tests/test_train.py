@@ -6,12 +6,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
-from helpers import SMALL
+from helpers import SMALL, wait_until_training
 
 from mipnerf360 import cli, configs, datasets, evaluate, render_views, runs, synthetic, train
 
@@ -113,11 +112,7 @@ def test_signal_writes_checkpoint_and_exits_nonzero(scene_dir, tmp_path, signum,
     cmd += ["--no-progress", *SMALL, "train.max_steps=100000", "train.log_every=1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 120
-        while not (out / "metrics.csv").exists():
-            assert proc.poll() is None, proc.communicate()
-            assert time.time() < deadline, "training did not start"
-            time.sleep(0.2)
+        wait_until_training(proc, out)
         proc.send_signal(signum)
         _, err = proc.communicate(timeout=60)
     finally:
@@ -368,11 +363,7 @@ def test_second_process_on_a_run_folder_fails_at_once(scene_dir, tmp_path):
     cmd += ["--no-progress", *SMALL, "train.max_steps=100000", "train.log_every=1"]
     first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 120
-        while not (out / "metrics.csv").exists():
-            assert first.poll() is None, first.communicate()
-            assert time.time() < deadline, "training did not start"
-            time.sleep(0.2)
+        wait_until_training(first, out)
         second = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         assert second.returncode == 1
         err = second.stderr.strip()
