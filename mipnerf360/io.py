@@ -125,31 +125,29 @@ def torch_save(obj: Any, path: str | os.PathLike) -> None:
     write_bytes(path, buf.getvalue())
 
 
-def read_json(path: str | os.PathLike) -> Any:
-    """JSON file -> object; a missing or malformed file is a UserError naming it."""
+def _read(path: str | os.PathLike, parse, kind: str, errors: tuple) -> Any:
+    """``parse(open file)``; a missing, malformed or unreadable file is a UserError naming it."""
     try:
         with open(path) as f:
-            return json.load(f)
+            return parse(f)
     except FileNotFoundError:
         raise UserError(f"{os.fspath(path)}: not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{os.fspath(path)}: not valid JSON: {e}") from None
+    except (*errors, UnicodeDecodeError) as e:
+        raise UserError(f"{os.fspath(path)}: not valid {kind}: {e}") from None
     except OSError as e:
         raise UserError(f"{os.fspath(path)}: cannot read: {e.strerror or e}") from None
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """JSON file -> object (see ``_read`` for the errors)."""
+    return _read(path, json.load, "JSON", (json.JSONDecodeError,))
 
 
 def read_yaml(path: str | os.PathLike) -> Any:
+    """YAML file -> object (see ``_read`` for the errors)."""
     import yaml
 
-    try:
-        with open(path) as f:
-            return yaml.safe_load(f)
-    except FileNotFoundError:
-        raise UserError(f"{os.fspath(path)}: not found") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise UserError(f"{os.fspath(path)}: not valid YAML: {e}") from None
-    except OSError as e:
-        raise UserError(f"{os.fspath(path)}: cannot read: {e.strerror or e}") from None
+    return _read(path, yaml.safe_load, "YAML", (yaml.YAMLError,))
 
 
 @contextlib.contextmanager
