@@ -5,6 +5,12 @@ import os
 import pytest
 import torch
 
+from mipnerf360 import cli
+
+# The tests run the package as its commands do (subnormals flushed, freed memory kept); this
+# must come before torch's first parallel operation, i.e. before the test modules load.
+cli.tune_cpu_process()
+
 
 @pytest.fixture
 def one_thread():
