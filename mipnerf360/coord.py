@@ -111,9 +111,12 @@ def lift_and_diagonalize(
     # x @ basis over the 3 coordinates written out: exact float32 under bf16 autocast and
     # TF32, whose rounding of the means would be amplified 2^max_deg times by the IPE
     # (multinerf ``math.matmul`` uses Precision.HIGHEST here for the same reason).
-    fn_mean = _times_basis(mean, basis)  # [..., K]
-    fn_cov_diag = torch.sum(basis * _times_basis(cov, basis), dim=-2)  # cov @ basis: [..., 3, K]
-    return fn_mean, fn_cov_diag
+    return _times_basis(mean, basis), _diag_quadratic(cov, basis)
+
+
+def _diag_quadratic(cov: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """cov [..., 3, 3], basis [3, K] -> diag(basis^T cov basis) [..., K]."""
+    return torch.sum(basis * _times_basis(cov, basis), dim=-2)  # cov @ basis: [..., 3, K]
 
 
 def _times_basis(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
@@ -158,6 +161,33 @@ def integrated_pos_enc(
     shape = mean.shape[:-1] + (-1,)
     scaled_mean = (mean[..., None, :] * scales[:, None]).reshape(shape)
     scaled_var = (var[..., None, :] * (scales * scales)[:, None]).reshape(shape)
+    return _expected_sin_cos(scaled_mean, scaled_var)
+
+
+def lifted_integrated_pos_enc(
+    mean: torch.Tensor, cov: torch.Tensor, basis, min_deg: int, max_deg: int
+) -> torch.Tensor:
+    """``integrated_pos_enc(*lift_and_diagonalize(mean, cov, basis), min_deg, max_deg)``, bit
+    for bit, as the MLPs compute it (multinerf ``models.MLP.predict_density``).
+
+    mean [..., 3], cov [..., 3, 3], basis [3, K] -> [..., 2 * (max_deg - min_deg) * K].
+    The means are projected onto the basis scaled by 2^l (a [3, L*K] matrix) instead of
+    being projected and then scaled: scaling by a power of two commutes with rounding, so
+    the result is the same, and a compiled kernel reads the scaled basis contiguously
+    instead of doing index arithmetic per feature (torch.compile's CPU code for the other
+    order is scalar; see benchmarks/README.md).
+    """
+    basis = _as_tensor_like(basis, mean)
+    scales = _scales(min_deg, max_deg, mean)
+    scaled_basis = (basis[:, None, :] * scales[:, None]).flatten(1)  # [3, L*K], degree-major
+    scaled_mean = _times_basis(mean, scaled_basis)
+    var = _diag_quadratic(cov, basis)  # [..., K]
+    scaled_var = (var[..., None, :] * (scales * scales)[:, None]).flatten(-2)
+    return _expected_sin_cos(scaled_mean, scaled_var)
+
+
+def _expected_sin_cos(scaled_mean: torch.Tensor, scaled_var: torch.Tensor) -> torch.Tensor:
+    """[..., F], [..., F] -> [E sin, E cos] [..., 2F] of N(mean, var) (``expected_sin``)."""
     # = expected_sin([m, m + pi/2], [v, v]), with exp(-v/2) computed once for both halves.
     damp = _exp_neg_half(scaled_var)
     sines = safe_sin(torch.cat([scaled_mean, scaled_mean + 0.5 * math.pi], dim=-1))

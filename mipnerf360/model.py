@@ -126,9 +126,8 @@ class MLP(nn.Module):
         """Gaussians [B,S,3],[B,S,3,3] -> IPE features [B,S,feature_dim]."""
         if self.cfg.warp_fn is not None:
             means, covs = coord.track_linearize(_WARP_FNS[self.cfg.warp_fn], means, covs)
-        lifted_means, lifted_vars = coord.lift_and_diagonalize(means, covs, self.pos_basis_t)
-        return coord.integrated_pos_enc(
-            lifted_means, lifted_vars, self.cfg.min_deg_point, self.cfg.max_deg_point
+        return coord.lifted_integrated_pos_enc(
+            means, covs, self.pos_basis_t, self.cfg.min_deg_point, self.cfg.max_deg_point
         )
 
     def forward(

@@ -177,6 +177,22 @@ def test_safe_sin_reduces_large_arguments():
     assert torch.allclose(coord.safe_sin(x[:1]), torch.sin(x[:1]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("basis_shape", [("icosahedron", 2), ("octahedron", 1)])
+def test_lifted_integrated_pos_enc_is_lift_then_ipe_bit_for_bit(dtype, basis_shape):
+    # The MLPs' fused path must give exactly the two-step result (golden-tested above), for
+    # means large enough that safe_sin reduces them and variances from tiny to huge.
+    gen = torch.Generator().manual_seed(0)
+    mean = torch.randn(64, 5, 3, generator=gen, dtype=dtype) * 30
+    a = torch.randn(64, 5, 3, 3, generator=gen, dtype=dtype)
+    cov = a @ a.transpose(-1, -2) * torch.logspace(-8, 1, 5, dtype=dtype)[:, None, None]
+    basis = torch.from_numpy(geopoly.generate_basis(*basis_shape).T.copy()).to(dtype)
+    want = coord.integrated_pos_enc(*coord.lift_and_diagonalize(mean, cov, basis), 0, 12)
+    got = coord.lifted_integrated_pos_enc(mean, cov, basis, 0, 12)
+    assert got.shape == want.shape == (64, 5, 2 * 12 * basis.shape[1])
+    assert torch.equal(got, want)
+
+
 def test_ipe_limits():
     # zero variance -> plain sin/cos; huge variance -> zero features
     mean = torch.tensor([[0.3, -1.2]], dtype=torch.float64)
