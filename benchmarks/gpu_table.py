@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
+
+from mipnerf360.bench import read_result
 
 # Dense peak TFLOP/s per precision (NVIDIA data sheets; tensor cores for tf32/bf16, the
 # CUDA cores for fp32; the sheets' "with sparsity" figures are twice these). H200 has the
@@ -24,12 +25,6 @@ PEAK_TFLOPS = {
     "H200": {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4},
     "A100": {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0},
 }
-LINE = re.compile(
-    r"device=(?P<device>.+?) batch=(?P<batch>\d+) .*compile=(?P<compile>on|off) "
-    r"precision=(?P<precision>\w+) .*peak memory (?P<mem>[0-9.]+) MB, "
-    r"(?:(?P<mflop>[0-9.]+) MFLOP/ray \(matmul\), )?(?P<ms>[0-9.]+) ms/step, "
-    r"(?P<rays>[0-9.]+) rays/s$"
-)
 SECTIONS = [
     ("eager_fp32", "fp32", "off"),
     ("eager_tf32", "tf32", "off"),
@@ -47,21 +42,6 @@ def peak_for(device: str) -> dict | None:
     return None
 
 
-def read_bench(path: Path) -> dict | str:
-    """The parsed bench line, or why there is none."""
-    if not path.exists():
-        return "not run"
-    text = path.read_text().strip()
-    last = text.splitlines()[-1] if text else ""
-    m = LINE.search(last)
-    if m:
-        return m.groupdict()
-    for line in reversed(text.splitlines()):
-        if "error" in line.lower() or "Error" in line:
-            return "failed: " + line.strip()[:100]
-    return "failed or timed out"
-
-
 def load_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
@@ -77,7 +57,7 @@ def main(argv=None) -> int:
     out = Path(args.out_dir)
     env = (out / "env.out").read_text().strip() if (out / "env.out").exists() else ""
     lines = ["# benchmarks/gpu.sh", "", "```", env, "```", ""]
-    rows = {name: read_bench(out / f"{name}.out") for name, _, _ in SECTIONS}
+    rows = {name: read_result(out / f"{name}.out") for name, _, _ in SECTIONS}
     mflop = next(
         (float(r["mflop"]) for r in rows.values() if isinstance(r, dict) and r["mflop"]), None
     )

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import resource
 import sys
 import time
@@ -210,6 +211,36 @@ def format_result(r: dict, name: str = "") -> str:
         f"peak memory {r['peak_memory_mb']:.0f} MB, {flops}"
         f"{r['sec_per_step'] * 1000:.1f} ms/step, {r['rays_per_s']:.1f} rays/s"
     )
+
+
+# format_result's line, parsed back (benchmarks/gpu_table.py and cpu_table.py read it).
+RESULT_LINE = re.compile(
+    r"device=(?P<device>.+?) batch=(?P<batch>\d+) .*compile=(?P<compile>on|off) "
+    r"precision=(?P<precision>\w+) .*warmup (?P<warmup_s>[0-9.]+) s, (?P<cpu_s>[0-9.]+) "
+    r"process-CPU s/step, peak memory (?P<mem>[0-9.]+) MB, "
+    r"(?:(?P<mflop>[0-9.]+) MFLOP/ray \(matmul\), )?(?P<ms>[0-9.]+) ms/step, "
+    r"(?P<rays>[0-9.]+) rays/s$"
+)
+
+
+def read_result(path) -> dict | str:
+    """The fields of the last line of a file of ``mipnerf360 bench`` output (strings, as
+    RESULT_LINE's groups), or why there is none: 'not run', 'failed: <error line>', 'failed
+    or timed out'."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.exists():
+        return "not run"
+    text = path.read_text().strip()
+    last = text.splitlines()[-1] if text else ""
+    m = RESULT_LINE.search(last)
+    if m:
+        return m.groupdict()
+    for line in reversed(text.splitlines()):
+        if "error" in line.lower():
+            return "failed: " + line.strip()[:100]
+    return "failed or timed out"
 
 
 def build_parser() -> argparse.ArgumentParser:

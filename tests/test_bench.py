@@ -74,6 +74,19 @@ def test_cli_prints_one_line_ending_in_rays_per_s(capsys):
     for part in ("preset=tiny", "device=cpu", "batch=8", "compile=off", "precision=bf16"):
         assert part in line
     assert "train.seed=3" in line
+    # the benchmark tables read the line back (bench.read_result)
+    fields = bench.RESULT_LINE.search(line).groupdict()
+    assert fields["device"].startswith("cpu (")
+    assert (fields["batch"], fields["compile"], fields["precision"]) == ("8", "off", "bf16")
+    assert float(fields["rays"]) > 0 and float(fields["ms"]) > 0 and fields["mflop"] is None
+
+
+def test_read_result_names_what_is_missing(tmp_path):
+    assert bench.read_result(tmp_path / "none.out") == "not run"
+    (tmp_path / "bad.out").write_text("x\nmipnerf360 bench: error: --device cuda: no CUDA\n")
+    assert bench.read_result(tmp_path / "bad.out").startswith("failed: mipnerf360 bench: error")
+    (tmp_path / "cut.out").write_text("compiling...\n")
+    assert bench.read_result(tmp_path / "cut.out") == "failed or timed out"
 
 
 @pytest.mark.parametrize(
@@ -138,3 +151,34 @@ def test_gpu_script_smoke_mode_writes_its_table(tmp_path):
     assert re.search(r"Bird test PSNR: [0-9.]+ dB", table), table
     assert re.search(r"projected [0-9.]+ h for 250k steps", table), table
     assert "Top-10 kernels" in table
+
+
+def _load_script(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cpu_table_compares_each_row_with_fp32_eager_and_the_reference(tmp_path, capsys):
+    rays = {}
+    for name, prec in (("small_fp32_eager", "fp32"), ("small_bf16_eager", "bf16")):
+        args = ["bench", "--preset", "tiny", "--batch-size", "8", "--steps", "1", "--warmup", "0"]
+        assert cli.main(args + ["--device", "cpu", "--compile", "off", "--precision", prec]) == 0
+        line = capsys.readouterr().out
+        (tmp_path / f"{name}.out").write_text(line)
+        rays[prec] = float(bench.RESULT_LINE.search(line.strip())["rays"])
+    (tmp_path / "rows.txt").write_text("small_fp32_eager\nsmall_bf16_eager\nsmall_fp32_compiled\n")
+    table = _load_script("cpu_table")
+    assert table.main([str(tmp_path)]) == 0
+    rows = [ln.split("|") for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")]
+    assert [r[3].strip() for r in rows[1:]] == ["fp32", "bf16", ""]
+    fp32, bf16, missing = rows[1:]
+    assert fp32[9].strip() == "1.00x"
+    assert bf16[9].strip() == f"{rays['bf16'] / rays['fp32']:.2f}x"
+    assert bf16[10].strip() == f"{rays['bf16'] / table.REFERENCE_RAYS_PER_S:.2f}x"
+    assert "not run" in missing[8]
