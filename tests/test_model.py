@@ -336,3 +336,19 @@ def test_zero_weights_at_train_frac_zero_do_not_give_nan():
     renderings, history = model(rays, train_frac=0.0)
     assert all(torch.isfinite(h["sdist"]).all() for h in history)
     assert torch.isfinite(renderings[-1]["rgb"]).all()
+
+
+def test_compiled_relu_has_the_gradient_of_torch_relu():
+    # model.relu's compiled form (_ReLU: the backward reads the output) must give the same
+    # values and gradients as torch.relu, zeros and negatives included.
+    x = torch.tensor([-2.0, -0.0, 0.0, 1e-30, 0.5, 3.0], dtype=torch.float64)
+    grad = torch.tensor([1.0, 2.0, -3.0, 4.0, -5.0, 6.0], dtype=torch.float64)
+    outs, grads = [], []
+    for fn in (torch.relu, M._ReLU.apply):
+        xi = x.clone().requires_grad_(True)
+        y = fn(xi)
+        y.backward(grad)
+        outs.append(y.detach())
+        grads.append(xi.grad)
+    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(grads[0], grads[1]), grads
