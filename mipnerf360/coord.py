@@ -188,12 +188,12 @@ def lifted_integrated_pos_enc(
 
 def _expected_sin_cos(scaled_mean: torch.Tensor, scaled_var: torch.Tensor) -> torch.Tensor:
     """[..., F], [..., F] -> [E sin, E cos] [..., 2F] of N(mean, var) (``expected_sin``)."""
-    # = expected_sin([m, m + pi/2], [v, v]), with exp(-v/2) computed once for both halves and
-    # the two phases broadcast rather than concatenated (compiled, no [..., 2F] copy is made).
+    # = expected_sin([m, m + pi/2], [v, v]), with exp(-v/2) computed once for both halves.
     damp = _exp_neg_half(scaled_var)
-    phase = torch.arange(2, device=scaled_mean.device, dtype=scaled_mean.dtype) * (0.5 * math.pi)
-    sines = safe_sin(scaled_mean[..., None, :] + phase[:, None])  # [..., 2, F]
-    return (sines * damp[..., None, :]).flatten(-2)
+    sines = safe_sin(torch.cat([scaled_mean, scaled_mean + 0.5 * math.pi], dim=-1))
+    n = scaled_mean.shape[-1]
+    out = sines.unflatten(-1, (2, n)) * damp[..., None, :]
+    return out.flatten(-2)
 
 
 def pos_enc(
