@@ -205,4 +205,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mipnerf360 import cli
+
+    sys.exit(cli.main(["render", *sys.argv[1:]]))
