@@ -73,3 +73,19 @@ def wait_until_training(proc, out: Path, timeout: float = 120.0) -> None:
         assert proc.poll() is None, proc.communicate()
         assert time.time() < deadline, "training did not start"
         time.sleep(0.2)
+
+
+def alive(pid: int) -> bool:
+    """Exists and is not a zombie (PID 1 in a container may never reap what it starts)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+# Resources of a workflow run in the tests: one thread per job, no GPU, small limits.
+CPU_RESOURCES = {
+    "default": {"threads": 1, "mem_mb": 1000, "runtime": 10},
+    "train": {"threads": 1, "gpu": 0},
+}

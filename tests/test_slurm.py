@@ -25,6 +25,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from helpers import alive
 
 REPO = Path(__file__).resolve().parents[1]
 CI = REPO / ".ci" / "slurm"
@@ -63,15 +64,6 @@ def cluster_up() -> bool:
 DAEMONS = ("run/slurmd.pid", "run/slurmctld.pid", "munge/run.pid")
 
 
-def running(pid: int) -> bool:
-    """Exists and is not a zombie (PID 1 in a container may never reap the daemons)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 @pytest.fixture(scope="session")
 def slurm_cluster():
     """A usable local SLURM cluster; stopped afterwards (by PID) if this fixture started it."""
@@ -87,7 +79,7 @@ def slurm_cluster():
     finally:
         stop = sh(["bash", str(CI / "stop.sh")], timeout=300)
         assert stop.returncode == 0, stop.stderr
-        assert not [p for p in pids if running(p)], "stop.sh left SLURM daemons running"
+        assert not [p for p in pids if alive(p)], "stop.sh left SLURM daemons running"
 
 
 def snakemake(workdir: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -23,6 +23,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from helpers import CPU_RESOURCES
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
@@ -50,10 +51,7 @@ PAPER_SCENES = {
 TINY = {
     "device": "cpu",
     "metrics": {"lpips": False},
-    "resources": {
-        "default": {"threads": 1, "mem_mb": 1000, "runtime": 10},
-        "train": {"threads": 1, "gpu": 0},
-    },
+    "resources": CPU_RESOURCES,
     "variants": {
         "base": {"label": "Base"},
         "wide": {"label": "Wide NeRF MLP", "overrides": {"model.nerf_mlp.net_width": 48}},

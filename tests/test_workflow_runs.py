@@ -33,6 +33,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from helpers import CPU_RESOURCES, alive
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
@@ -44,10 +45,7 @@ STEPS = 120
 CONFIG = {
     "device": "cpu",
     "metrics": {"lpips": False},
-    "resources": {
-        "default": {"threads": 1, "mem_mb": 1000, "runtime": 10},
-        "train": {"threads": 1, "gpu": 0},
-    },
+    "resources": CPU_RESOURCES,
     "seeds": [0],
     "overrides": {
         "data.factor": 1,
@@ -140,14 +138,6 @@ def is_train_process(pid: int) -> bool:
         return False
     names = [os.path.basename(a.decode()) for a in argv[:2]]
     return "mipnerf360" in names and b"train" in argv[:4]
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def wait_for(cond, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
