@@ -23,6 +23,7 @@ import resource
 import sys
 import time
 import types
+from pathlib import Path
 
 # OpenMP threads that spin while waiting burn the cores that other processes (and our own
 # other thread) need: on a shared 2-core machine the cpu preset runs 4x faster with passive
@@ -227,8 +228,6 @@ def read_result(path) -> dict | str:
     """The fields of the last line of a file of ``mipnerf360 bench`` output (strings, as
     RESULT_LINE's groups), or why there is none: 'not run', 'failed: <error line>', 'failed
     or timed out'."""
-    from pathlib import Path
-
     path = Path(path)
     if not path.exists():
         return "not run"
