@@ -172,12 +172,13 @@ def _num(value) -> float:
     return float("nan") if value is None else float(value)
 
 
-def read_runs(results: str | os.PathLike, spec: Spec) -> tuple[pd.DataFrame, dict]:
-    """Long table (dataset, scene, variant, seed, metric, value) of every run, and
-    {(dataset, scene, variant, seed): data.factor}."""
+def read_runs(results: str | os.PathLike, spec: Spec) -> tuple[pd.DataFrame, dict, dict]:
+    """Long table (dataset, scene, variant, seed, metric, value) of every run,
+    {(dataset, scene, variant, seed): data.factor} and {dataset: {how its runs were trained:
+    number of runs}} (for the tables' provenance)."""
     results = Path(results)
     required = [m.name for m in METRICS.values() if m.option is None]
-    rows, factors = [], {}
+    rows, factors, modes = [], {}, {}
     for run in spec.runs:
         rd = run_dir(run)
         mpath = results / "evaluate" / rd / "metrics.json"
@@ -203,24 +204,21 @@ def read_runs(results: str | os.PathLike, spec: Spec) -> tuple[pd.DataFrame, dic
         values["steps"] = _num(s.get("steps"))
         for name, value in values.items():
             rows.append((*run, name, value))
-    long = pd.DataFrame(rows, columns=["dataset", "scene", "variant", "seed", "metric", "value"])
-    return long, factors
-
-
-def run_modes(results: str | os.PathLike, spec: Spec) -> dict[str, dict[str, int]]:
-    """{dataset: {how its runs were trained: number of runs}} from the summaries: precision,
-    compile, device and processes, torch version (for the tables' provenance)."""
-    out: dict[str, dict[str, int]] = {}
-    for run in spec.runs:
-        s = _read_mapping(Path(results) / "train" / run_dir(run) / "summary.json", io.read_json)
-        compiled = {True: "compiled", False: "eager"}.get(s.get("compiled"), "compile ?")
-        mode = (
-            f"precision {s.get('precision', 'fp32')}, {compiled}, {s.get('device', '?')} x "
-            f"{s.get('world_size', 1)} process(es), torch {s.get('torch_version', '?')}"
-        )
-        counts = out.setdefault(run[0], {})
+        counts, mode = modes.setdefault(run[0], {}), _training_mode(s)
         counts[mode] = counts.get(mode, 0) + 1
-    return out
+    long = pd.DataFrame(rows, columns=["dataset", "scene", "variant", "seed", "metric", "value"])
+    return long, factors, modes
+
+
+def _training_mode(summary: dict) -> str:
+    """How a run was trained, from its summary.json: precision, compile, device and
+    processes, torch version."""
+    s = summary
+    compiled = {True: "compiled", False: "eager"}.get(s.get("compiled"), "compile ?")
+    return (
+        f"precision {s.get('precision', 'fp32')}, {compiled}, {s.get('device', '?')} x "
+        f"{s.get('world_size', 1)} process(es), torch {s.get('torch_version', '?')}"
+    )
 
 
 def shown_metrics(long: pd.DataFrame) -> list[Metric]:
@@ -784,8 +782,7 @@ def make_tables(
     out_dir = Path(out_dir)
     wanted = any(spec.published.values())
     pub_all = load_published(published_file) if wanted else {}
-    long, factors = read_runs(results, spec)
-    modes = run_modes(results, spec)
+    long, factors, modes = read_runs(results, spec)
     io.write_text(out_dir / "runs.csv", long.to_csv(index=False, float_format="%.10g"))
     tables = {}
     for d in spec.datasets:
