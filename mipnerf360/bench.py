@@ -98,16 +98,10 @@ def build_config(
     if batch_size is not None:
         cfg.train.batch_size = int(batch_size)
     if precision is not None:
-        cfg.train.precision = precision  # the field exists once configs has it
+        cfg.train.precision = precision
     if compile is not None:
         cfg.train.compile = compile
-    validate = getattr(configs, "validate", None)
-    if validate is not None:
-        validate(cfg)
-    train_utils.precision_of(cfg)
-    train_utils.resolve_compile(cfg.train.compile, "cpu")
-    if cfg.train.batch_size < 1:
-        raise ConfigError(f"train.batch_size must be >= 1, got {cfg.train.batch_size}")
+    configs.validate(cfg)  # the options are choice and range fields of the config too
     return cfg
 
 
